@@ -1,0 +1,375 @@
+"""A LLaMA-style decoder that loads Hugging Face checkpoints, written to be read top-down.
+
+ModelArgs -> RMSNorm -> rotary embedding -> Attention -> FeedForward -> Block -> Transformer.
+Module names are those of transformers' LlamaForCausalLM without its "model." prefix, so loading
+a checkpoint is that one key map (see Transformer.from_pretrained).
+
+Shapes: B batch, T tokens in this call, S keys attended to (cached + new), D dim,
+H query heads, K key/value heads, hd head_dim, F hidden_dim of the MLP, V vocab_size.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from weights import CheckpointError, open_weights
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # hidden_size: width of the residual stream
+    n_layers: int = 32  # num_hidden_layers
+    n_heads: int = 32  # num_attention_heads (query heads)
+    n_kv_heads: int = 32  # num_key_value_heads; fewer than n_heads = grouped-query attention
+    vocab_size: int = 32000
+    hidden_dim: int = 11008  # intermediate_size of the SwiGLU feed-forward
+    head_dim: int | None = None  # None = dim // n_heads; some checkpoints set it explicitly
+    norm_eps: float = 1e-6  # rms_norm_eps
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    max_seq_len: int = 2048  # max_position_embeddings: the longest context generate() will build
+    tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares embed_tokens' weight
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "ModelArgs":
+        """Read a Hugging Face LLaMA config.json dict; refuse what this model does not implement."""
+        if d.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"model_type={d['model_type']!r} is not supported (only 'llama' and 'mistral')")
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"sliding_window={d['sliding_window']!r} is not supported (only full attention)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                raise ValueError(f"{key}={d[key]!r} is not supported (the projections have no bias)")
+        # Older configs: top-level rope_theta and an optional rope_scaling dict.
+        # transformers >= 5: rope_parameters = {"rope_theta": ..., "rope_type": "default"}.
+        rope = d.get("rope_parameters") or {}
+        for key, value in (("rope_scaling", d.get("rope_scaling")), ("rope_parameters", rope)):
+            kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+            if kind != "default":
+                raise ValueError(f"{key} of type {kind!r} is not supported (only plain RoPE)")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                               "intermediate_size") if k not in d]
+        if missing:
+            raise ValueError(f"config is missing {', '.join(missing)}")
+        n_heads = d["num_attention_heads"]
+        return cls(
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            vocab_size=d["vocab_size"],
+            hidden_dim=d["intermediate_size"],
+            head_dim=d.get("head_dim"),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 even for bf16 activations, then scale: the order HF uses, so bf16
+        # results round the same way.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ┌─ Rotary embeddings: two layouts of the same rotation ──────────────────────────────────┐
+# │ RoPE rotates pairs of coordinates of each query/key head by an angle pos * freq_i.      │
+# │ Meta's original code pairs neighbours (x0,x1), (x2,x3), ...; Hugging Face's rotate_half │
+# │ pairs the two halves (x_i, x_{i+hd/2}). HF's convert_llama_weights_to_hf.py makes Meta  │
+# │ weights work with rotate_half by permuting the rows of q_proj and k_proj, per head:     │
+# │     w.view(n, hd // 2, 2, D).transpose(1, 2).reshape(n * hd, D)                         │
+# │ with n = n_heads for q_proj but n = n_kv_heads for k_proj. HF checkpoints are therefore │
+# │ used here as they are, with rotate_half. Undoing the permutation is where converters go │
+# │ wrong: with grouped-query attention, an un-permute that uses n_heads for k_proj still   │
+# │ has valid shapes (the per-head size is derived from the row count) but cuts k into the  │
+# │ wrong heads, and the model silently produces nonsense.                                  │
+# └─────────────────────────────────────────────────────────────────────────────────────────┘
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """Angles for integer positions (B, T) or (1, T) -> cos, sin of shape (B, 1, T, hd).
+
+    Computed in float32 on every call rather than kept in a buffer: a buffer would be garbage
+    after `to_empty` and would be rounded by `model.to(torch.bfloat16)`, which at position
+    1000 turns the angle into noise.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): the same angle for x_i and x_{i+hd/2}
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hd/2) each
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin  # (B, H or K, T, hd)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, preallocated for the whole generation.
+
+    generate() uses it so that each new token runs through the model alone, attending to stored
+    keys and values, instead of re-running the whole sequence: per new token the work drops
+    from a forward over all T positions to a forward over one (which still attends to T keys).
+    The cost is memory,
+    2 * n_layers * B * n_kv_heads * head_dim * (prompt + new tokens) numbers in the model's
+    dtype (for LLaMA-7B in bf16: 0.5 MB per token per row), allocated once up front.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)  # (B, K, S_max, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.length = 0  # positions filled; Transformer.forward advances it after the last layer
+
+    def update(self, layer: int, k, v):
+        """Store this call's k, v (B, K, T, hd) after the cached ones; return all (B, K, S, hd)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id  # which KVCache slot is ours
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, allowed=None, cache=None):
+        """x (B, T, D); allowed (B, 1, T, S) bool or None for plain causal attention."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (B, K, S, hd)
+        # Grouped-query attention: each key/value head serves n_heads // n_kv_heads consecutive
+        # query heads (heads 0..g-1 share kv head 0, as in HF's repeat_kv). enable_gqa lets SDPA
+        # do that grouping without materialising repeated copies of k and v.
+        gqa = self.n_heads != self.n_kv_heads
+        if allowed is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, hd)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_id)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, allowed=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
+
+
+def attention_allowed(mask, start: int, T: int):
+    """Padding mask (B, S) of the whole sequence -> (B, 1, T, S) bool for queries start..start+T-1.
+
+    Query t may attend to key s if s is a real token at or before it (causal + padding).
+    A padding query of a left-padded row has no real key at or before it, and depending on the
+    kernel a softmax over an empty set is NaN, which the next layer would spread: a masked
+    value still enters the sum as 0 * NaN = NaN. So every query may also attend to itself;
+    real queries already do, and no real query ever sees a padding key.
+    """
+    S = mask.shape[1]
+    q_pos = torch.arange(start, start + T, device=mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=mask.device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos) & mask[:, None, :].bool()  # (B, T, S)
+    return (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more time
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None):
+        """tokens (B, T) -> logits (B, T, V) in the model's dtype.
+
+        attention_mask (B, T), or (B, cache.length + T) with a cache: 1/True = real token,
+        0/False = padding, on either side. Positions count real tokens only, so a left-padded
+        row gives its real tokens exactly the logits of the same sequence run alone; logits at
+        padding positions are finite and meaningless.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is None and cache is None:
+            positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
+            allowed = None  # plain causal attention: SDPA's fastest path
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, start + T, dtype=torch.long, device=tokens.device)
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(B, start + T)}")
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            allowed = attention_allowed(attention_mask, start, T)  # (B, 1, T, S)
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, allowed, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, allowed, cache)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, tokens, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 eos_id: int | None = None, use_cache: bool = True):
+        """Extend each row of tokens (B, T) by up to max_new_tokens -> (B, T + n).
+
+        Greedy (argmax) at temperature 0, else sampling from softmax(logits / temperature).
+        Rows of different lengths are left-padded (attention_mask 0 on the left), so that every
+        row's new tokens follow its last real token. A row that has produced eos_id is filled
+        with eos_id after it; generation stops once every row has. With use_cache=False the
+        whole sequence is re-run for each new token (same tokens, more work; see KVCache).
+        """
+        B, T = tokens.shape
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
+        if not mask[:, -1].all():
+            raise ValueError("generate needs left padding: attention_mask must be 1 in the last column")
+        if T + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"{T} + {max_new_tokens} new tokens exceed max_seq_len={self.args.max_seq_len}")
+        weight = self.embed_tokens.weight
+        cache = KVCache(self.args, B, T + max_new_tokens, weight.dtype, weight.device) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            # With a cache only the newest token goes through the model (all of them the first time).
+            new = tokens if cache is None or cache.length == 0 else tokens[:, -1:]
+            logits = self(new, mask, cache=cache)[:, -1].float()  # (B, V)
+            if temperature == 0:
+                next_token = logits.argmax(-1)  # (B,)
+            else:
+                next_token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]  # (B,)
+            if eos_id is not None:
+                next_token = torch.where(done, eos_id, next_token)
+                done |= next_token == eos_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + step)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if done.all():
+                break
+        return tokens
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load a local Hugging Face LLaMA directory (config.json + safetensors or .bin weights).
+
+        dtype defaults to torch.float32, as in transformers, whatever dtype the files hold;
+        device defaults to the CPU. The model is built on the meta device (no memory), its
+        parameters are then allocated uninitialised on `device` in `dtype`, and each tensor
+        is copied in from the memory-mapped files one at a time, so the peak is about one
+        copy of the weights. Every parameter must come from the checkpoint: a missing,
+        unexpected or wrongly shaped tensor is an error, never a partial load.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
+                                    f"directory with config.json and model weights)")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json in this directory")
+        try:
+            args = ModelArgs.from_hf_config(json.loads(config_file.read_text()))
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{config_file}: {e}") from None
+
+        device = torch.device(device or "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available here")
+        with torch.device("meta"):
+            model = cls(args)
+        model.to(dtype or torch.float32).to_empty(device=device)
+        model.tie_weights()  # to_empty gives each module its own tensor, untying lm_head
+        # There are no buffers (RoPE angles are computed in forward), so after loading the
+        # parameters nothing is left uninitialised.
+        ours = model.state_dict()
+        with open_weights(path) as reader:
+            # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
+            # older checkpoints store, are derived, not loaded.
+            file_name = {name.removeprefix("model."): name for name in reader.shapes
+                         if not name.endswith("rotary_emb.inv_freq")}
+            # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
+            needed = [n for n in ours if not (args.tie_embeddings and n == "lm_head.weight")]
+            missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
+            unexpected = [file_name[n] for n in file_name if n not in ours]
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: checkpoint does not match config.json; missing tensors: "
+                                      f"{_names(missing)}; unexpected tensors: {_names(unexpected)}")
+            wrong = [f"{file_name[n]}: checkpoint {tuple(reader.shapes[file_name[n]])} vs config "
+                     f"{tuple(ours[n].shape)}" for n in needed
+                     if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
+            if wrong:
+                raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
+            # Largest first: while a tensor is copied its pages in the file are resident too, so
+            # memory peaks at the weights loaded so far plus the tensor being read. Starting with
+            # the embeddings keeps that peak at about one copy of the weights.
+            for name in sorted(needed, key=lambda n: ours[n].numel(), reverse=True):
+                reader.copy_into(file_name[name], ours[name])
+        return model.eval()
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

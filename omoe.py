@@ -1,0 +1,402 @@
+"""OMoE: a mixture of LoRA experts whose outputs are made orthogonal by Gram–Schmidt (arXiv 2501.10062).
+
+Legend: N tokens (batch and time flattened), D_in/D_out the wrapped layer's in/out features,
+E experts, K active experts per token (top_k; K = E is soft routing), R LoRA rank.
+
+One adapted linear layer (s = alpha / R; the router reads x, the experts read dropout(x)):
+
+    x ─┬─ base_layer (frozen W0) ─────────────────────────────────────────────────────── W0 x ─┐
+       ├─ router W_g ─ softmax ─ top-k, renormalise ─ g ─────────────────────────┐               │
+       └─ dropout ─┬─ A_1 ─ h_1 ─ B_1 ─ e_1 = s·B_1 h_1 ─┐                       ▼               ▼
+                   ├─ A_2 ─ h_2 ─ B_2 ─ e_2 ──────────────┼─ Gram–Schmidt ─ q ─ Σ_k g_k q_k ──── (+) ─> y
+                   └─ ...               e_E ──────────────┘  (active experts, in index order)
+
+    y = W0 x + Σ_k g_k q_k,   q_1..q_K = Gram–Schmidt(e_k of the K active experts)
+
+Gram–Schmidt order: the active experts enter in expert index order, so the active expert with the
+lowest index keeps its direction and each later one keeps only what is orthogonal to those before.
+`orth` picks the flavour: "orthonormal" (the paper's; each q_k has unit length), "orthogonal"
+(projections only, each q_k keeps its residual length), "none" (vanilla MoE-LoRA: q_k = e_k).
+A single expert is plain LoRA, exactly as PEFT computes it: no router and nothing to orthogonalise.
+
+Two implementations of the same layer, selected by `layer.impl`:
+  "reference"  computes every expert's output (N, K, D_out) and runs `gram_schmidt` on it: read this one.
+  "fast"       (default) never builds (N, K, D_out): the Gram matrix of the expert outputs is
+               G_ij = s² h_iᵀ (B_iᵀ B_j) h_j with h_i = A_i x (rank space); Gram–Schmidt is QR, so with
+               the Cholesky factor G = RᵀR the orthonormal outputs are Q = E R⁻¹ and the mixed output is
+               Σ_k g_k q_k = E (R⁻¹ g) = Σ_i c_i e_i: one product with the stacked B's, like vanilla MoE-LoRA.
+"""
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from torch import Tensor
+
+from weights import load_safetensors, save_safetensors
+
+ORTH_MODES = ("orthonormal", "orthogonal", "none")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
+
+# The ridge. B starts at zero, so every expert output is 0 at step 0 and normalising it is 0/0.
+# Both implementations add `ridge` to the diagonal of the per-token Gram matrix (fast path), which is
+# exactly Gram–Schmidt on the experts augmented with private coordinates [e_k ; sqrt(ridge)·u_k],
+# the extra coordinates dropped afterwards (reference path); so the two agree to rounding, and an
+# "orthonormal" output has length |r_k| / sqrt(|r_k|² + ridge) (r_k: e_k's residual): ~1 once
+# |r_k|² >> ridge, and a smooth ramp from 0 below that.
+# - RIDGE_ABS: at B = 0, R = sqrt(ridge)·I and c = g / sqrt(ridge), so the output is exactly the base
+#   output and B_i's gradient is g_i / sqrt(RIDGE_ABS) = 100·g_i times plain LoRA's ("orthogonal":
+#   g_i times, as in vanilla MoE-LoRA). A normalised output's gradient scales as 1/|e|, and |e| ≈ 0.01
+#   is about where the first optimiser steps take it, so the step-0 gradient is of the same order as
+#   the next ones: a far smaller ridge (say 1e-12) would give a step-0 gradient that dominates Adam's
+#   second-moment average (decay 0.999) and slows B's learning for hundreds of steps. And an output
+#   0.01 long is negligible beside the base outputs it is added to.
+# - RIDGE_REL: forming G squares the condition number. A ridge of 1e-4 times the mean squared expert
+#   length bounds cond(G + ridge·I) by about K·1e4, so float32 Cholesky (unit roundoff 6e-8) cannot
+#   fail, and a residual shorter than 1% of a typical expert (a near-copy of an earlier expert, which
+#   float32 could not resolve from the Gram anyway) is shrunk instead of blown up to unit length.
+RIDGE_ABS, RIDGE_REL = 1e-4, 1e-4
+
+
+def _ridge(mean_sq: Tensor) -> Tensor:
+    return RIDGE_ABS + RIDGE_REL * mean_sq  # (N,) from the mean squared length of the active experts
+
+
+def gram_schmidt(E: Tensor, normalize: bool = True, eps: float | Tensor = 0.0) -> Tensor:
+    """Gram–Schmidt over the K vectors of each token, in index order: E (N, K, D) -> Q (N, K, D).
+
+    Q[:, 0] keeps the direction of E[:, 0]; Q[:, k] is E[:, k] minus its projections on Q[:, :k].
+    normalize=False keeps each residual's length (pairwise orthogonal, not unit). eps is the ridge
+    (a float or an (N,) tensor): Gram–Schmidt runs on [e_k ; sqrt(eps)·u_k], u_k the k-th of K extra
+    unit coordinates, which are dropped at the end. eps = 0 is textbook Gram–Schmidt (zero extra
+    coordinates change no dot product); a zero vector then gives NaN.
+    """
+    N, K, D = E.shape
+    eps = torch.as_tensor(eps, dtype=E.dtype, device=E.device).expand(N)              # (N,)
+    private = eps.sqrt()[:, None, None] * torch.eye(K, dtype=E.dtype, device=E.device)  # (N, K, K)
+    V = torch.cat([E, private], dim=-1)                                                # (N, K, D+K)
+    residuals = []
+    for k in range(K):
+        v = V[:, k]                                                                    # (N, D+K)
+        for u in residuals:  # subtract the projection on each earlier residual ("modified" Gram–Schmidt)
+            v = v - (u * v).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True) * u
+        residuals.append(v)
+    Q = torch.stack(residuals, dim=1)                                                  # (N, K, D+K)
+    if normalize:
+        Q = Q / Q.norm(dim=-1, keepdim=True)
+    return Q[..., :D]                                                                  # (N, K, D)
+
+
+def _expert_gram(h: Tensor, B: Tensor, s: float) -> Tensor:
+    """Gram matrix of the expert outputs e_i = s·B_i h_i, per token: h (N, E, R), B (E, D_out, R) -> (N, E, E)."""
+    BtB = torch.einsum("eor,fot->efrt", B, B)        # (E, E, R, R) blocks B_iᵀ B_j, shared by all tokens
+    hBtB = torch.einsum("ner,efrt->neft", h, BtB)     # (N, E, E, R): one batched product over e
+    return s * s * (hBtB * h[:, None]).sum(-1)        # (N, E, E): G_ef = s² (h_eᵀ B_eᵀ B_f) h_f
+
+
+def _cholesky(G: Tensor, active: Tensor) -> Tensor:
+    """Lower Cholesky factor L (N, E, E) of the ridged Gram of the active experts (G = L Lᵀ, so R = Lᵀ).
+
+    Inactive rows and columns become the identity: the matrix is then block diagonal (active block,
+    identity), so factoring all E in index order is Gram–Schmidt on the active experts alone."""
+    K = active.sum(-1)                                                               # (N,)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)                     # (E, E)
+    G = torch.where(active[:, :, None] & active[:, None, :], G, eye)                 # (N, E, E)
+    mean_sq = (G.diagonal(dim1=-2, dim2=-1) * active).sum(-1) / K                    # (N,)
+    # cholesky_ex: the ridge keeps G + ridge·I positive definite, and it does not synchronise on CUDA.
+    return torch.linalg.cholesky_ex(G + _ridge(mean_sq)[:, None, None] * eye).L      # (N, E, E)
+
+
+class OMoELinear(nn.Module):
+    """A frozen nn.Linear (`base_layer`) plus E LoRA experts, a router and Gram–Schmidt (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Linear, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
+                 orth="orthonormal"):
+        super().__init__()
+        _check_args(experts, top_k, rank, dropout, orth)
+        self.base_layer = base_layer
+        self.experts, self.rank, self.alpha, self.dropout = experts, rank, alpha, dropout
+        self.top_k = experts if top_k is None else top_k
+        self.scaling = alpha / rank
+        self.orth = "none" if experts == 1 else orth  # one expert: plain LoRA (nothing to orthogonalise)
+        self.impl = "fast"                            # or "reference"
+        self.target = None                            # the add_experts target that chose this layer
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters are kept in float32 (float64 for a float64 base) even beside a bf16 base, like PEFT.
+        w = base_layer.weight
+        kw = dict(dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+        self.lora_A = nn.Parameter(torch.empty(experts, rank, base_layer.in_features, **kw))   # (E, R, D_in)
+        self.lora_B = nn.Parameter(torch.empty(experts, base_layer.out_features, rank, **kw))  # (E, D_out, R)
+        self.router = nn.Linear(base_layer.in_features, experts, bias=False, **kw) if experts > 1 else None
+        self._recorder = None       # set by record_diagnostics
+        self._balance_loss = None   # from the last forward, for load_balancing_loss
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # PEFT: kaiming_uniform_(a=sqrt(5)) on each (R, D_in) matrix, i.e. U(±1/sqrt(D_in)). Calling it on
+        # the stacked (E, R, D_in) tensor would take fan_in = R·D_in and give a bound sqrt(R) too small.
+        self.lora_A.uniform_(-1 / math.sqrt(self.lora_A.shape[-1]), 1 / math.sqrt(self.lora_A.shape[-1]))
+        self.lora_B.zero_()  # so that at step 0 the adapted layer equals the base layer
+        if self.router is not None:
+            self.router.weight.normal_(std=0.02)  # LLaMA's initializer_range, like the routers of MoE LLMs
+
+    def route(self, x: Tensor):
+        """x (N, D_in) -> probs (N, E) softmax, gates (N, E) renormalised top-k (0 elsewhere),
+        active (N, E) bool, top (N, K) active expert indices in increasing (Gram–Schmidt) order."""
+        with torch.autocast(x.device.type, enabled=False):  # the router is always float32
+            logits = x.to(self.router.weight.dtype) @ self.router.weight.T          # (N, E)
+            probs = logits.softmax(dim=-1)                                           # (N, E)
+        top = probs.topk(self.top_k, dim=-1).indices.sort(dim=-1).values             # (N, K)
+        active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top, True)    # (N, E)
+        gates = torch.where(active, probs, 0.0)
+        return probs, gates / gates.sum(-1, keepdim=True), active, top
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)                                                       # (..., D_out)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.lora_A.dtype)                           # (N, D_in)
+        h = self.lora_dropout(x) @ self.lora_A.flatten(0, 1).T                       # (N, E*R)
+        h = h.view(x.shape[0], self.experts, self.rank)                             # (N, E, R)
+        if self.router is None:  # plain LoRA: y = base(x) + s·B(A(dropout(x)))
+            delta = self.scaling * (h[:, 0] @ self.lora_B[0].T)                      # (N, D_out)
+        else:
+            probs, gates, active, top = self.route(x)
+            if self.top_k < self.experts:  # Switch-style balance: E·Σ_e f_e·P_e (1 when balanced)
+                f = active.float().mean(0) / self.top_k                              # (E,) token share
+                self._balance_loss = self.experts * (f * probs.mean(0)).sum()
+            if self._recorder is not None:
+                self._recorder.observe(self, h, probs, active)
+            mix = self._mix_reference if self.impl == "reference" else self._mix_fast
+            delta = mix(h, gates, active, top)                                       # (N, D_out)
+        return y + delta.view(*shape[:-1], -1).to(y.dtype)
+
+    def _mix_reference(self, h, gates, active, top):
+        """Readable: every expert's output, Gram–Schmidt on the active ones, gate-weighted sum."""
+        e = self.scaling * torch.einsum("ner,eor->neo", h, self.lora_B)              # (N, E, D_out)
+        e = e.gather(1, top[:, :, None].expand(-1, -1, e.shape[-1]))                 # (N, K, D_out)
+        g = gates.gather(1, top)                                                     # (N, K)
+        if self.orth != "none":
+            with torch.autocast(h.device.type, enabled=False):
+                e = e.to(gates.dtype)
+                ridge = _ridge(e.pow(2).sum(-1).mean(-1))                            # (N,)
+                e = gram_schmidt(e, normalize=self.orth == "orthonormal", eps=ridge)  # (N, K, D_out)
+        return torch.einsum("nk,nko->no", g.to(e.dtype), e)                          # (N, D_out)
+
+    def _mix_fast(self, h, gates, active, top):
+        """Σ_k g_k q_k = Σ_i c_i e_i with per-token coefficients c (N, E): never builds (N, K, D_out)."""
+        if self.orth == "none":
+            c = gates                                                                # vanilla MoE-LoRA
+        else:
+            with torch.autocast(h.device.type, enabled=False):
+                hf, B = h.to(gates.dtype), self.lora_B.to(gates.dtype)
+                # G (N, E, E), recomputed in backward: autograd would otherwise keep an (N, E, E, R) product.
+                G = torch.utils.checkpoint.checkpoint(_expert_gram, hf, B, self.scaling, use_reentrant=False)
+                L = _cholesky(G, active)                                             # (N, E, E), R = Lᵀ
+                # orthonormal: Q = E R⁻¹, c = R⁻¹ g. orthogonal: residuals V = Q·diag(R), c = R⁻¹ (diag(R)·g).
+                rhs = gates if self.orth == "orthonormal" else gates * L.diagonal(dim1=-2, dim2=-1)
+                c = torch.linalg.solve_triangular(L.mT, rhs[:, :, None], upper=True)[:, :, 0]  # (N, E)
+        ch = c.to(h.dtype)[:, :, None] * h                                           # (N, E, R)
+        return self.scaling * torch.einsum("ner,eor->no", ch, self.lora_B.to(h.dtype))  # (N, D_out)
+
+    def extra_repr(self):
+        return (f"experts={self.experts}, top_k={self.top_k}, rank={self.rank}, alpha={self.alpha}, "
+                f"orth={self.orth!r}, impl={self.impl!r}")
+
+
+def _check_args(experts, top_k, rank, dropout, orth):
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"experts must be an integer >= 1, got {experts!r}")
+    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= experts):
+        raise ValueError(f"top_k must be None (soft routing) or an integer in 1..experts={experts}, got {top_k!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if orth not in ORTH_MODES:
+        raise ValueError(f"orth must be one of {', '.join(map(repr, ORTH_MODES))}, got {orth!r}")
+
+
+def _adapted(model: nn.Module) -> dict[str, OMoELinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, OMoELinear)}
+
+
+def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
+                orth="orthonormal") -> nn.Module:
+    """Replace every nn.Linear whose name is, or ends with ".<target>", by an OMoELinear; freeze the rest.
+
+    Call it after the base weights are loaded. experts=1 is plain LoRA (orth is then recorded as "none")."""
+    _check_args(experts, top_k, rank, dropout, orth)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if _adapted(model):
+        raise ValueError("model already has experts: call add_experts once, on a freshly loaded model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = {}
+    for t in targets:
+        hits = [name for name in linears if name == t or name.endswith("." + t)]
+        if not hits:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers are named "
+                             f"{', '.join(leaves) or '(none)'}")
+        chosen.update(dict.fromkeys(hits, t))
+    for name, t in chosen.items():
+        parent, _, leaf = name.rpartition(".")
+        layer = OMoELinear(linears[name], experts, top_k, rank, alpha, dropout, orth)
+        layer.target = t
+        setattr(model.get_submodule(parent), leaf, layer)
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Experts and routers train; everything else (the base model) is frozen."""
+    model.requires_grad_(False)
+    for p in _adapter_parameters(model).values():
+        p.requires_grad_(True)
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """The add_experts arguments that rebuild this model's adapter layout: add_experts(model, **config)."""
+    configs = [dict(experts=m.experts, top_k=None if m.top_k == m.experts else m.top_k, rank=m.rank,
+                    alpha=m.alpha, dropout=m.dropout, orth=m.orth) for m in _adapted(model).values()]
+    if not configs:
+        raise ValueError("model has no experts: call add_experts first")
+    if any(c != configs[0] for c in configs):
+        raise ValueError("adapted layers have different settings; one adapter config cannot describe them")
+    targets = list(dict.fromkeys(m.target for m in _adapted(model).values()))
+    return {"targets": targets, **configs[0]}
+
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{path}.{name}": p for path, m in _adapted(model).items()
+            for name, p in m.named_parameters() if not name.startswith("base_layer.")}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter weights only, detached but sharing storage, keyed like the model's state_dict:
+    "<path>.lora_A" (E, R, D_in), "<path>.lora_B" (E, D_out, R), "<path>.router.weight" (E, D_in)."""
+    return {k: p.detach() for k, p in _adapter_parameters(model).items()}
+
+
+def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy adapter weights into the model's adapters; every key and shape must match (no strict=False)."""
+    own = adapter_state_dict(model)
+    if not own:
+        raise ValueError("model has no experts: call add_experts (with the saved adapter config) first")
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = [f"{k}: given {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys]
+    if problems:
+        raise ValueError("adapter weights do not fit this model; " + "; ".join(problems))
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])  # copy_ converts dtype and device
+
+
+def save_adapters(model: nn.Module, directory) -> None:
+    """Write adapter_model.safetensors and adapter_config.json (PEFT's file names) into directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format_version": FORMAT_VERSION, **adapter_config(model)}
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter_files(directory) -> tuple[dict, dict[str, Tensor]]:
+    """Read what save_adapters wrote: (config for add_experts(model, **config), state for load_adapters)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {directory} is not a directory written by save_adapters")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    version = config.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}")
+    return config, load_safetensors(Path(directory) / ADAPTER_WEIGHTS)
+
+
+def load_balancing_loss(model: nn.Module) -> Tensor:
+    """Sum over top-k routed layers of E·Σ_e f_e·P_e from their last forward (f_e: share of routed token
+    slots, P_e: mean router probability). 1 per layer when balanced. Soft-routed layers add nothing
+    (every expert gets every token: the loss would be a constant 1)."""
+    losses = [m._balance_loss for m in _adapted(model).values() if m._balance_loss is not None]
+    return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+class DiagnosticsRecorder:
+    """Per routed layer, averages over the tokens seen while recording:
+    load (E,) share of tokens for which each expert is active; prob (E,) mean router probability;
+    entropy, mean router entropy in nats (log E is uniform); cos_before / cos_after, mean |cos| over
+    pairs of active experts of their outputs before and after orthogonalisation (from the Gram).
+
+    Padding: set `recorder.mask` to the (B, T) attention mask before each forward; layers see the
+    B·T tokens flattened in the same order and skip those where the mask is 0."""
+
+    def __init__(self, names: dict):
+        self.names, self.mask, self.sums = names, None, {}
+
+    @torch.no_grad()
+    def observe(self, layer: OMoELinear, h: Tensor, probs: Tensor, active: Tensor):
+        keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)             # (N,)
+        if self.mask is not None:
+            if self.mask.numel() != h.shape[0]:
+                raise ValueError(f"recorder.mask has {self.mask.numel()} entries but the layer "
+                                 f"{self.names[layer]} sees {h.shape[0]} tokens")
+            keep = self.mask.reshape(-1).to(device=h.device, dtype=torch.bool)
+        h, probs, active = h[keep].float(), probs[keep], active[keep]
+        G = _expert_gram(h, layer.lora_B.float(), layer.scaling)                    # (N, E, E)
+        after = G
+        if layer.orth != "none":  # Gram of Q = E R⁻¹ is R⁻ᵀ G R⁻¹ = L⁻¹ G L⁻ᵀ (orthogonal: the same cosines)
+            L = _cholesky(G, active)
+            X = torch.linalg.solve_triangular(L, G, upper=False)                     # L⁻¹ G
+            after = torch.linalg.solve_triangular(L, X.mT, upper=False)              # L⁻¹ G L⁻ᵀ (symmetric)
+        pairs = (active[:, :, None] & active[:, None, :]).triu(diagonal=1)           # (N, E, E), i < j
+        s = self.sums.setdefault(self.names[layer], dict(tokens=0, pairs=0, load=0, prob=0, entropy=0,
+                                                         cos_before=0, cos_after=0))
+        s["tokens"] += h.shape[0]
+        s["pairs"] += int(pairs.sum())
+        s["load"] = s["load"] + active.float().sum(0).cpu()
+        s["prob"] = s["prob"] + probs.sum(0).cpu()
+        s["entropy"] += float(-(probs * probs.clamp_min(1e-30).log()).sum())
+        for key, M in (("cos_before", G), ("cos_after", after)):
+            d = M.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()                 # (N, E) lengths
+            s[key] += float((M / (d[:, :, None] * d[:, None, :])).abs()[pairs].sum())
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for name, s in self.sums.items():
+            t, p = max(s["tokens"], 1), s["pairs"]
+            out[name] = dict(tokens=s["tokens"], load=(s["load"] / t).tolist(), prob=(s["prob"] / t).tolist(),
+                             entropy=s["entropy"] / t, cos_before=s["cos_before"] / p if p else float("nan"),
+                             cos_after=s["cos_after"] / p if p else float("nan"))
+        return out
+
+
+@contextmanager
+def record_diagnostics(model: nn.Module):
+    """with record_diagnostics(model) as rec: model(tokens); rec.summary(). Costs nothing outside the block."""
+    layers = {m: name for name, m in _adapted(model).items() if m.router is not None}
+    recorder = DiagnosticsRecorder(layers)
+    for m in layers:
+        m._recorder = recorder
+    try:
+        yield recorder
+    finally:
+        for m in layers:
+            m._recorder = None

@@ -1,0 +1,88 @@
+"""Shared test fixtures: a sentencepiece tokenizer and a tiny random LLaMA directory, built offline."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from model import ModelArgs, Transformer
+from weights import save_safetensors
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
+
+# Text with the shapes the tokenizer will meet: the prompt template, every label family, digits, spaces.
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nPlease choose the correct answer to the question: Which is heavier?\n\n"
+    "Answer1: a feather Answer2: a rock\n\nAnswer format: answer1/answer2/answer3/answer4/answer5",
+    "### Response:\nthe correct answer is answer2 solution1 solution2 option1 option2 ending1 ending4 true false",
+    "Please answer the following question with true or false, question: is the sky blue?",
+    "The quick brown fox jumps over the lazy dog 0123456789 times.   Spaces  and\ttabs.",
+] * 20
+
+
+def train_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A BPE model with LLaMA's normalisation settings (identity, no whitespace folding, split digits,
+    byte fallback), trained in well under a second."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_tiny_model(directory: Path, vocab_size: int, seed: int = 0, **overrides) -> Path:
+    """A random LLaMA in the Hugging Face layout (config.json, model.safetensors, tokenizer.model)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=vocab_size,
+                max_seq_len=512) | overrides
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**args))
+    for name, p in model.named_parameters():  # nn.Linear's default init is too small to give varied logits
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+    config = {"model_type": "llama", "hidden_size": args["dim"], "num_hidden_layers": args["n_layers"],
+              "num_attention_heads": args["n_heads"], "num_key_value_heads": args["n_kv_heads"],
+              "intermediate_size": args["hidden_dim"], "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": args["max_seq_len"], "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
+    save_safetensors(state, directory / "model.safetensors")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    train_tokenizer(directory / "tokenizer.model")
+    return write_tiny_model(directory, spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size())
+
+
+def records(n: int, kind: str = "answer", seed: int = 0) -> list[dict]:
+    """n LLM-Adapters records of one label family, with a learnable rule (the answer is in the question)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = {"answer": ["answer1", "answer2", "answer3"], "true": ["true", "false"],
+              "option": ["option1", "option2"]}[kind]
+    out = []
+    for i in range(n):
+        answer = labels[int(torch.randint(len(labels), (1,), generator=g))]
+        out.append({"instruction": f"Please choose: the rule says {answer} for item {i}.\n\n"
+                                   f"Answer format: {'/'.join(labels)}",
+                    "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+    return out
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    """A folder of two tasks laid out like the real benchmarks: <task>/train.json, <task>/test.json."""
+    for task, kind in (("alpha", "answer"), ("beta", "true")):
+        (tmp_path / "tasks" / task).mkdir(parents=True)
+        (tmp_path / "tasks" / task / "train.json").write_text(json.dumps(records(48, kind, seed=1)))
+        (tmp_path / "tasks" / task / "test.json").write_text(json.dumps(records(12, kind, seed=2)))
+    return tmp_path / "tasks"

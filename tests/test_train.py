@@ -1,0 +1,196 @@
+"""train.py end to end on a tiny random model: a run, resume, DDP parity, divergence, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import omoe
+import train
+from conftest import SHARED
+from model import Transformer
+from weights import load_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--batch-size", "8", "--micro-batch-size", "4", "--warmup", "2", "--lr", "1e-3", "--rank", "4",
+         "--eval-limit", "6", "--log-every", "1"]
+
+
+def run(*argv) -> int:
+    return train.main([str(a) for a in argv])
+
+
+def losses(out: Path) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+def test_short_run_trains_saves_and_reloads(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 6, *QUICK) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["before"]) == set(results["after"]) == {"alpha", "beta"}
+    assert results["config"]["experts"] == 2 and results["steps"] == 6
+    steps = losses(out)
+    assert len(steps) == 6 and steps[-1] < steps[0]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    layer = log[0]["experts"]["layers.0.self_attn.q_proj"]
+    assert len(layer["prob"]) == 2 and 0 <= layer["cos_after"] < 0.05  # OMoE: orthogonal after Gram–Schmidt
+
+    # The saved adapters, loaded into a fresh model, give the trained model's outputs and accuracy.
+    config, state = omoe.load_adapter_files(out / "adapter")
+    fresh = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), **config)
+    omoe.load_adapters(fresh, state)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k, v in ckpt["adapters"].items():
+        assert torch.equal(state[k], v), k
+    assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval", "--eval-only",
+               "--adapter", out / "adapter", "--eval-limit", 6) == 0
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())["after"]
+    assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in results["after"].items()}
+
+
+class StopAfter:
+    """Stands in for train.Interrupt: Ctrl-C "arrives" during step `n`."""
+
+    def __init__(self, n):
+        self.checks = 0
+        self.n = n
+
+    def __call__(self):
+        return self
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= self.n
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 8, "--schedule", "cosine", *QUICK]
+    assert run(*common, "--out", tmp_path / "full") == 0
+    monkeypatch.setattr(train, "Interrupt", StopAfter(3))
+    assert run(*common, "--out", tmp_path / "cut") == 130  # interrupted: saved at step 3
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, on the CPU
+    a = load_safetensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_safetensors(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tiny_model_dir, task_dir, tmp_path, capsys):
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 2, "--out", tmp_path, *QUICK]
+    assert run(*common) == 0
+    assert run(*[a if a != "4" else "8" for a in common], "--resume") == 2  # --rank 4 -> 8 (and micro-batch)
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "--rank was 4, now 8" in err
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_model_dir, task_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    real = train.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        return real(logits, labels) * (float("nan") if calls["n"] > 8 else 1.0)  # step 5 (2 micro-batches a step)
+
+    monkeypatch.setattr(train, "loss_sum", poisoned)
+    code = run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 8,
+               "--save-every", 2, *QUICK)
+    err = capsys.readouterr().err
+    assert code == 1 and "step 5: the loss is nan" in err and str(tmp_path / "checkpoint.pt") in err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_ddp_equals_single_process(tiny_model_dir, task_dir, tmp_path):
+    args = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 3, "--dropout", 0, "--batch-size", 8,
+            "--micro-batch-size", 2, "--rank", 4, "--lr", 1e-3, "--warmup", 1, "--eval-limit", 2, "--log-every", 1]
+    args = [str(a) for a in args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "train.py", *args, "--out", tmp_path / "one"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "train.py", *args, "--out", tmp_path / "two"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a = load_safetensors(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_safetensors(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+GOOD = {"instruction": "Q?\n\nAnswer format: answer1/answer2", "input": "", "output": "the correct answer is answer1",
+        "answer": "answer1"}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed", "bad.json: invalid JSON at line 1 column 3: Expecting property name"),
+    ("missing field", "bad.json: record 1 has no 'output' string"),
+    ("not a candidate", "bad.json: record 0: answer 'answer7' is not among its candidates ['answer1', 'answer2']"),
+    ("empty", "bad.json: no records (empty dataset)"),
+    ("no such data", "nowhere.json: no such file or directory"),
+    ("top-k", "--top-k 3 must be between 1 and --experts 2"),
+    ("eval-only", "--eval-only needs --adapter PATH"),
+    ("out", "--out"),
+    ("cuda", "--device cuda: CUDA is not available"),
+    ("no model", "missing-model: no such directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, case, message):
+    bad = tmp_path / "bad.json"
+    data = {"malformed": "[{,]", "missing field": json.dumps([GOOD, {**GOOD, "output": None}]),
+            "not a candidate": json.dumps([{**GOOD, "answer": "answer7"}]), "empty": "[]"}
+    if case in data:
+        write(bad, data[case])
+    argv = ["--model", tiny_model_dir, "--data", bad, "--out", tmp_path / "out"]
+    argv += {"no such data": ["--data", tmp_path / "nowhere.json"], "top-k": ["--top-k", 3],
+             "eval-only": ["--eval-only"], "out": ["--out", write(tmp_path / "file", "x") / "sub"],
+             "cuda": ["--device", "cuda"], "no model": ["--model", tmp_path / "missing-model"]}.get(case, [])
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if case in ("top-k", "eval-only"):  # argparse's own usage errors
+        with pytest.raises(SystemExit) as e:
+            run(*argv)
+        code = e.value.code
+    else:
+        code = run(*argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_usage_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--model", str(tmp_path),
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path / 'tokenizer.model'}: tokenizer model "
+                                             f"not found (a sentencepiece tokenizer.model is expected)"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/commonsense is not present")
+def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
+    """A few steps on real ARC-Easy training records, then both eval modes on a subset of every test file."""
+    out = tmp_path / "real"
+    assert run("--model", tiny_model_dir, "--data", SHARED / "ARC-Easy" / "train.json", "--eval-data", SHARED,
+               "--out", out, "--max-steps", 2, "--train-limit", 32, "--cutoff-len", 384, *QUICK[:-4],
+               "--eval-limit", 3) == 0
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert set(after) == {p.name for p in SHARED.iterdir() if (p / "test.json").is_file()}
+    assert all(r["n"] == 3 for r in after.values())
+    assert run("--model", tiny_model_dir, "--eval-data", SHARED, "--out", tmp_path / "gen", "--eval-only",
+               "--adapter", out / "adapter", "--eval-mode", "generate", "--eval-limit", 2) == 0
+    gen = json.loads((tmp_path / "gen" / "results.json").read_text())["after"]
+    assert all(0 <= r["no_label"] <= r["n"] == 2 for r in gen.values())

@@ -1,0 +1,446 @@
+"""Fine-tune a LLaMA with OMoE adapters and evaluate it: a plain PyTorch loop.
+
+    python train.py                                    # the embedded default
+    python train.py --model /path/to/Llama-2-7b-hf --data commonsense_170k.json \
+                    --eval-data dataset/ --experts 2 --device cuda
+    torchrun --nproc_per_node 4 train.py ...           # DistributedDataParallel, one process per GPU
+
+It reads top-down like a recipe: flags -> device and precision -> data -> model and experts ->
+optimizer and schedule -> resume -> evaluate, train, evaluate -> results.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import omoe
+from model import Transformer
+
+TARGETS = ",".join(omoe.TARGETS)
+# Settings that change what a resumed run computes: a checkpoint made with other values is refused.
+RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "orth",
+                     "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
+                     "max_steps", "warmup", "schedule", "grad_clip", "cutoff_len", "train_on_prompt",
+                     "seed", "train_limit")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default=None, help="local Hugging Face LLaMA directory (config.json, weights, tokenizer.model)")
+    a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of <task>/train.json")
+    a("--eval-data", default=None, help="evaluation data: a JSON file or a folder of <task>/test.json "
+                                        "(default: the test files beside --data, when it is a folder)")
+    a("--experts", type=int, default=2, help="LoRA experts per adapted layer")
+    a("--top-k", type=int, default=None, help="active experts per token (default: all = soft routing)")
+    a("--rank", type=int, default=16, help="LoRA rank r of each expert")
+    a("--alpha", type=float, default=32, help="LoRA alpha; experts are scaled by alpha / rank")
+    a("--dropout", type=float, default=0.05, help="dropout on the experts' input")
+    a("--targets", default=TARGETS, help="comma-separated names of the linear layers to adapt")
+    a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
+      help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, or none (vanilla MoE-LoRA)")
+    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts)")
+    a("--aux-loss-coef", type=float, default=0.0, help="weight of the load-balancing loss (top-k routing)")
+    a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+      help="storage dtype of the frozen base model (adapters stay float32; auto = bfloat16 on CUDA)")
+    a("--batch-size", type=int, default=16, help="examples per optimizer step (over all processes)")
+    a("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
+    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--epochs", type=float, default=2, help="passes over the training data")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--warmup", type=int, default=100, help="linear warm-up steps")
+    a("--schedule", choices=("constant", "cosine", "linear"), default="linear", help="learning-rate decay after warm-up")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    a("--cutoff-len", type=int, default=512, help="longest training example in tokens (see data.py for truncation)")
+    a("--train-on-prompt", action="store_true", help="compute the loss on the prompt too, not only the response")
+    a("--train-limit", type=int, default=None, help="use only the first N training examples (quick runs)")
+    a("--eval-limit", type=int, default=None, help="evaluate on at most N examples per task (quick runs)")
+    a("--eval-mode", choices=("likelihood", "generate"), default="likelihood",
+      help="likelihood: score each answer label; generate: greedy decoding then the first label found")
+    a("--eval-batch-size", type=int, default=16, help="examples per evaluation batch")
+    a("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only before and after)")
+    a("--log-every", type=int, default=10, help="log loss, router load and expert similarity every N steps")
+    a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
+    a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
+    a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")
+    a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--eval-only", action="store_true", help="only evaluate the model with the adapters of --adapter")
+    a("--adapter", default=None, help="adapter folder written by a run (<out>/adapter) for --eval-only")
+    a("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
+    a("--compile", action="store_true", help="torch.compile the model for training")
+    args = p.parse_args(argv)
+    if args.lora:
+        args.experts, args.top_k = 1, None
+    checks = [
+        (args.experts < 1, "--experts must be at least 1"),
+        (args.top_k is not None and not 1 <= args.top_k <= args.experts,
+         f"--top-k {args.top_k} must be between 1 and --experts {args.experts}"),
+        (args.rank < 1, "--rank must be at least 1"),
+        (not 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (args.batch_size < 1 or args.micro_batch_size < 1, "--batch-size and --micro-batch-size must be positive"),
+        (args.batch_size % args.micro_batch_size != 0,
+         f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}"),
+        (args.eval_only and not args.adapter, "--eval-only needs --adapter PATH (a folder written by a run)"),
+        (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
+    ]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
+    args.targets = [t for t in args.targets.split(",") if t]
+    return p, args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: CUDA is not available here (torch {torch.__version__}, "
+                         f"built with CUDA {torch.version.cuda or 'none'})")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: the MPS backend is not available here")
+    return torch.device(name)
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: printed as one line, exit code 2."""
+
+
+def lr_lambda(args, total_steps: int):
+    def factor(step):  # multiplier of --lr at optimizer step `step` (0-based)
+        if step < args.warmup:
+            return (step + 1) / (args.warmup + 1)
+        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if args.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+    return factor
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, args, before) -> None:
+    """Everything a resumed run needs, in one file written atomically: a temporary file, then a rename,
+    so an interrupt leaves either the old checkpoint or the new one, never half of one."""
+    state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "step": step, "args": vars(args), "before": before}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def check_resumable(saved: dict, args, path: Path) -> None:
+    differ = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(args, k)!r}"
+              for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    if differ:
+        raise UsageError(f"--resume: {path} was made with other settings: " + "; ".join(differ))
+
+
+def setup_distributed(device: torch.device):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(x: float, device) -> float:
+    """Sum a number over all processes (identity without DDP)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+class Interrupt:
+    """The first Ctrl-C asks the loop to save and stop at the end of the current step; a second one
+    stops at once (the checkpoint on disk is then the last one saved)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit now)", file=sys.stderr)
+
+
+def loss_sum(logits, labels):
+    """Summed next-token cross-entropy over the positions whose label is not -100 (the response)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def evaluate_all(model, tokenizer, eval_sets, args, autocast) -> dict:
+    with autocast:
+        return {task: data.evaluate(model, tokenizer, examples, args.eval_mode, args.eval_batch_size)
+                for task, examples in eval_sets.items()}
+
+
+def print_table(before: dict | None, after: dict) -> None:
+    print(f"\n{'task':<16}{'n':>6}{'chance':>9}{'before':>9}{'after':>9}")
+    for task, r in after.items():
+        b = f"{before[task]['accuracy']:9.3f}" if before else f"{'-':>9}"
+        extra = f"   (no label in {r['no_label']} answers)" if "no_label" in r else ""
+        print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{b}{r['accuracy']:9.3f}{extra}")
+
+
+def layer_summary(stats: dict) -> dict:
+    """Per-layer diagnostics -> averages over layers for the terminal."""
+    if not stats:
+        return {}
+    n, E = len(stats), len(next(iter(stats.values()))["prob"])
+    mean = lambda key: [round(sum(s[key][e] for s in stats.values()) / n, 3) for e in range(E)]  # noqa: E731
+    return {"prob": mean("prob"), "load": mean("load"),
+            "cos_before": sum(s["cos_before"] for s in stats.values()) / n,
+            "cos_after": sum(s["cos_after"] for s in stats.values()) / n}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    # ── device and precision ──
+    device = pick_device(args.device)
+    rank, world, device = setup_distributed(device)
+    main_process = rank == 0
+    say = print if main_process else (lambda *a, **k: None)
+    if args.batch_size % (args.micro_batch_size * world):
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+    base_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    # Adapters stay float32; a low-precision base runs under autocast so the two can meet in a matmul.
+    autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else nullcontext()
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".writable-{rank}"  # one per process: they check at the same time
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # ── data ──
+    if args.model is None:
+        raise UsageError("--model is required: a local Hugging Face LLaMA directory")
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
+    tokenizer = data.Tokenizer(model_dir / "tokenizer.model")
+    eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
+    eval_sets = {t: ex[:args.eval_limit] for t, ex in data.load_tasks(eval_path, "test").items()} if eval_path else {}
+    if not args.eval_only:
+        if args.data is None:
+            raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
+        train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task]
+        train_items, dropped = data.encode_for_training(tokenizer, train_examples[:args.train_limit],
+                                                        args.cutoff_len, args.train_on_prompt)
+        say(f"training examples: {len(train_items)}" + (f" ({dropped} longer than --cutoff-len "
+                                                        f"{args.cutoff_len} tokens were left out)" if dropped else ""))
+        if len(train_items) < args.batch_size:
+            raise UsageError(f"--data: {len(train_items)} usable training examples, fewer than --batch-size "
+                             f"{args.batch_size}")
+
+    # ── model and experts ──
+    model = Transformer.from_pretrained(model_dir, dtype=base_dtype, device=device)
+    if args.eval_only:
+        config, state = omoe.load_adapter_files(args.adapter)
+        omoe.load_adapters(omoe.add_experts(model, **config), state)
+        results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
+        if main_process:
+            print_table(None, results)
+            write_json(out / "results.json", {"config": vars(args), "adapter": config, "after": results})
+        return 0
+    torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
+    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
+                     alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    if main_process:
+        trainable, total = omoe.print_trainable_parameters(model)
+    model.gradient_checkpointing = args.grad_checkpoint
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)  # `model` stays the uncompiled one we save
+
+    # ── optimizer and schedule ──
+    steps_per_epoch = len(train_items) // args.batch_size  # the last partial batch of an epoch is skipped
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+
+    # ── resume, or evaluate the base model ──
+    ckpt_path, start_step, before = out / "checkpoint.pt", 0, None
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        check_resumable(ckpt["args"], args, ckpt_path)
+        omoe.load_adapters(model, ckpt["adapters"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_step, before = ckpt["step"], ckpt["before"]
+        say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
+    elif eval_sets:
+        say("evaluating the base model ...")
+        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
+
+    # ── the loop ──
+    micro_steps = args.batch_size // (args.micro_batch_size * world)
+    per_rank = args.batch_size // world
+    log = open(out / "log.jsonl", "a") if main_process else None
+    interrupt = Interrupt()
+    model.train()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_process)
+    t0, tokens_seen, loss_acc, loss_n, train_start = time.time(), 0, 0.0, 0, time.time()
+    for step in bar:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = data.epoch_order(len(train_items), args.seed, epoch)
+        mine = order[offset * args.batch_size:(offset + 1) * args.batch_size][rank * per_rank:(rank + 1) * per_rank]
+        batches = [data.collate([train_items[i] for i in mine[m::micro_steps]], tokenizer.pad_id)
+                   for m in range(micro_steps)]
+        # Normalise by the response tokens of the whole global batch, so that the gradient is the same
+        # however the batch is split into micro-batches and processes (DDP averages over processes).
+        n_tokens = all_sum(sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in batches), device)
+        record = args.log_every and (step + 1) % args.log_every == 0
+        step_loss = 0.0
+        for m, (tokens, mask, labels) in enumerate(batches):
+            tokens, mask, labels = tokens.to(device), mask.to(device), labels.to(device)
+            sync = m == micro_steps - 1 or world == 1
+            with (nullcontext() if sync else train_model.no_sync()), autocast, \
+                    (omoe.record_diagnostics(model) if record and sync else nullcontext()) as recorder:
+                if recorder is not None:
+                    recorder.mask = mask
+                loss = loss_sum(train_model(tokens, mask), labels) / n_tokens
+                if args.aux_loss_coef:
+                    loss = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro_steps / world
+                (loss * world).backward()
+            step_loss += loss.item()
+            tokens_seen += int(mask.sum())
+        step_loss = all_sum(step_loss, device)
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(f"step {step + 1}: the loss is {step_loss}; stopping. The last good "
+                                   f"checkpoint is {ckpt_path}" + ("" if ckpt_path.exists() else " (none written yet)"))
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_acc, loss_n = loss_acc + step_loss, loss_n + 1
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+
+        done = step + 1
+        if record and main_process:
+            elapsed = time.time() - t0
+            entry = {"step": done, "loss": loss_acc / loss_n, "lr": scheduler.get_last_lr()[0],
+                     "tokens_per_s": tokens_seen * world / elapsed,  # from this process's share
+                     "experts": recorder.summary() if recorder is not None else {}}
+            summary = layer_summary(entry["experts"])
+            bar.write(f"step {done}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, {entry['tokens_per_s']:.0f} tok/s"
+                      + (f", router p {summary['prob']} load {summary['load']}, expert |cos| before "
+                         f"Gram-Schmidt {summary['cos_before']:.3f} after {summary['cos_after']:.3f}" if summary else ""))
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
+        if args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets:
+            results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
+            if main_process:
+                log.write(json.dumps({"step": done, "eval": results}) + "\n")
+                bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
+        stop = all_sum(float(interrupt.requested), device) > 0
+        if stop or done % args.save_every == 0 or done == total_steps:
+            if main_process:
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, args, before)
+        if stop:
+            say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
+                f"command and --resume.")
+            return 130
+    bar.close()
+    train_time = time.time() - train_start
+
+    # ── evaluate, save, report ──
+    after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
+    if main_process:
+        omoe.save_adapters(model, out / "adapter")
+        print_table(before, after)
+        write_json(out / "results.json", {"config": vars(args), "trainable_params": trainable,
+                                          "total_params": total, "steps": total_steps,
+                                          "train_seconds": train_time, "before": before, "after": after})
+        print(f"\nadapters: {out / 'adapter'}   results: {out / 'results.json'}   log: {out / 'log.jsonl'}")
+    return 0
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    code = 1
+    try:
+        code = run(args)
+        return code
+    except (UsageError, FileNotFoundError, ValueError) as e:  # bad input (DataError, CheckpointError, ...)
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted; the last checkpoint written is in {args.out}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Interrupt's handler is ours only while we run
+        if dist.is_initialized():
+            # After a failure the other processes may be waiting in a collective: torchrun stops them
+            # when this one exits, and a barrier here would wait forever.
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
