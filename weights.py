@@ -1,21 +1,25 @@
-"""Reading and writing model weights: the safetensors format, and Hugging Face model directories.
+"""Model weights on disk: the safetensors format, read and written directly, and Hugging Face
+model directories (one file, sharded files with an index, or PyTorch .bin files).
 
-safetensors is simple enough to read and write directly, which keeps the `safetensors` package
-out of the runtime dependencies. A file is:
+safetensors is simple enough to need no package. A file is three parts:
 
-    ┌──────────┬──────────────────────────────────────┬──────────────────────────────────────┐
-    │ N: u64 LE│ header: N bytes of UTF-8 JSON         │ data: raw little-endian tensor bytes  │
-    └──────────┴──────────────────────────────────────┴──────────────────────────────────────┘
-    header = {"model.norm.weight": {"dtype": "F32", "shape": [4096], "data_offsets": [begin, end]},
-              ..., "__metadata__": {"format": "pt"}}       (offsets are relative to the data start)
+    ┌────────────┬─────────────────────────────────┬──────────────────────────────────────────┐
+    │ N: u64, LE │ header: N bytes of UTF-8 JSON,  │ data: the tensors' raw little-endian     │
+    │ (8 bytes)  │ maybe padded with spaces        │ bytes, row-major, back to back           │
+    └────────────┴─────────────────────────────────┴──────────────────────────────────────────┘
+    header = {"model.norm.weight": {"dtype": "F32", "shape": [4096], "data_offsets": [0, 16384]},
+              ...,
+              "__metadata__": {"format": "pt"}}      (optional, str -> str)
+    data_offsets = [begin, end) in bytes, counted from the start of the data section.
 
-Every number in the header comes from the file, so every number is checked before it is used:
-a truncated or malformed file is a CheckpointError naming the file, never a garbage tensor.
+Every number in the header comes from the file, so each is checked before it is used: a truncated
+or malformed file is a CheckpointError naming the file, never a crash or a garbage tensor.
 """
 
 import json
 import mmap
 import os
+import secrets
 import struct
 from pathlib import Path
 
@@ -23,54 +27,63 @@ import torch
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100_000_000  # the limit the reference implementation enforces
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors package enforces
 
-# The files of a Hugging Face model directory, in the order they are looked for.
+# The weight files of a Hugging Face model directory, in the order they are looked for.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be read; the message names it."""
+    """A weight file or model directory that cannot be read; the message names it."""
 
 
 # ── writing ──────────────────────────────────────────────────────────────────────────────────
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write tensors to a safetensors file, atomically: a temporary file beside it, then a rename,
-    so an interrupted save leaves the previous file intact rather than half a new one."""
+    """Write `tensors` (name -> Tensor, any device) to a safetensors file at `path`.
+
+    Atomic: the bytes go to a temporary file in the same folder, which replaces `path` only once
+    it is complete and on disk, so a failed save leaves any previous file untouched. Tensors that
+    share storage (tied weights) are written as separate copies."""
     path = Path(path)
     for name, t in tensors.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(f"{path}: save_safetensors needs str -> Tensor, got {name!r} -> {type(t).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"{path}: tensor names must be str, got {name!r}")
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
+            raise TypeError(f"{path}: {name!r} must be a dense tensor with data, got {_describe(t)}")
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+    if "__metadata__" in tensors:
+        raise CheckpointError(f"{path}: '__metadata__' is reserved for the header and cannot name a tensor")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise TypeError(f"{path}: safetensors metadata must map str to str")
+        raise TypeError(f"{path}: safetensors metadata must map str to str, got {metadata!r}")
 
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    # The data section holds the widest dtypes first: every size is a multiple of its itemsize and the
+    # data starts 8-byte aligned, so each tensor lands aligned for its dtype and readers can map it
+    # without a copy. The header keeps the caller's order.
+    offsets, end = {}, 0
+    for name in sorted(tensors, key=lambda n: -tensors[n].element_size()):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        offsets[name], end = (end, end + nbytes), end + nbytes
+    header = {"__metadata__": dict(metadata)} if metadata else {}
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # pad so that the data start, and so each F64/I64, is 8-byte aligned
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[name])}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # spaces, so that the data section starts 8-byte aligned
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for t in tensors.values():
-                if t.numel():  # bytes of the contiguous CPU tensor, without another copy
-                    f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for name in offsets:
+                f.write(_bytes_of(tensors[name]))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -78,47 +91,77 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of `t`, without copying it when it is already a contiguous CPU tensor."""
+    t = t.detach().cpu().contiguous().reshape(-1)  # reshape: view(uint8) needs at least one dim
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.layout} tensor on {value.device}"
+    return type(value).__name__
+
+
 # ── reading ──────────────────────────────────────────────────────────────────────────────────
 
-def _parse_header(path: Path, f) -> tuple[dict, dict, int]:
-    """Read and check the header: -> ({name: (dtype, shape, begin, end)}, metadata, data start)."""
+def _read_header(path: Path, f) -> tuple[dict, dict, int]:
+    """Read and check the header of the open file `f`.
+    Returns ({name: (dtype, shape, begin, end)}, metadata, where the data section starts)."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
-        raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
+        raise CheckpointError(f"{path}: only {size} bytes, too short for a safetensors file")
     (n,) = struct.unpack("<Q", f.read(8))
-    if n > min(MAX_HEADER, size - 8):
-        raise CheckpointError(f"{path}: header length {n} exceeds the file size {size} (truncated or not safetensors)")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
+                              f"(not a safetensors file?)")
+    if n > size - 8:
+        raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file "
+                              f"(truncated, or not a safetensors file?)")
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise CheckpointError(f"{path}: header names {sorted(k for k in set(keys) if keys.count(k) > 1)} twice")
+        return dict(pairs)
+
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+        raise CheckpointError(f"{path}: __metadata__ must map str to str, got {metadata!r}")
 
-    data_len, entries = size - 8 - n, {}
+    data_bytes, entries = size - 8 - n, {}
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{where}: unknown or missing dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry {info!r} is not an object")
+        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r}; known: {', '.join(DTYPES)}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_len):
-            raise CheckpointError(f"{where}: data_offsets {offsets!r} lie outside the {data_len} data bytes "
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair [begin, end] "
+                                  f"with 0 <= begin <= end")
+        if offsets[1] > data_bytes:
+            raise CheckpointError(f"{where}: data_offsets {offsets} run past the {data_bytes} bytes of data "
                                   f"(truncated file?)")
-        dtype = DTYPES[info["dtype"]]
-        expected = dtype.itemsize
+        needed = dtype.itemsize
         for d in shape:
-            expected *= d
-        if offsets[1] - offsets[0] != expected:
-            raise CheckpointError(f"{where}: {offsets[1] - offsets[0]} bytes for shape {shape} of "
-                                  f"{info['dtype']}, which needs {expected}")
+            needed *= d
+        if offsets[1] - offsets[0] != needed:
+            raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                                  f"but shape {shape} of {info['dtype']} needs {needed}")
         entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
-    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
@@ -126,66 +169,75 @@ def _parse_header(path: Path, f) -> tuple[dict, dict, int]:
 
 
 class SafetensorsFile:
-    """A safetensors file opened lazily: the header is read and checked, the data is memory-mapped
-    and read one tensor at a time. Use as a context manager, or call close()."""
+    """A safetensors file opened lazily: the header is read and checked at once; the data is
+    memory-mapped and read one tensor at a time. Use as a context manager, or call close()."""
 
     def __init__(self, path):
         self.path = Path(path)
         try:
-            self._file = open(self.path, "rb")
+            with open(self.path, "rb") as f:
+                self._entries, self.metadata, self._data_start = _read_header(self.path, f)
+                # A private (copy-on-write) mapping: writable, as torch.frombuffer wants, yet never
+                # written back to the file. The mapping keeps its own handle, so the file can close.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
-        try:
-            self.entries, self.metadata, self._start = _parse_header(self.path, self._file)
-            # ACCESS_COPY: a private mapping, writable for torch.frombuffer, never written back.
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        except BaseException:
-            self._file.close()
-            raise
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror or e})") from None
 
-    def keys(self):
-        return list(self.entries)
+    def keys(self) -> list[str]:
+        return list(self._entries)
 
-    def shape(self, name) -> tuple:
-        return self.entries[name][1]
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def shape(self, name) -> tuple[int, ...]:
+        return self._entry(name)[1]
 
     def dtype(self, name) -> torch.dtype:
-        return self.entries[name][0]
+        return self._entry(name)[0]
+
+    def _entry(self, name):
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return self._entries[name]
 
     def _view(self, name) -> torch.Tensor:
-        """The tensor's bytes in the mapping, without a copy (valid until close)."""
-        dtype, shape, begin, end = self.entries[name]
-        if end == begin:
+        """The tensor's bytes in the mapping, without a copy (valid until close())."""
+        dtype, shape, begin, end = self._entry(name)
+        if end == begin:  # frombuffer refuses zero bytes
             return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._start + begin)
-        if (self._start + begin) % dtype.itemsize:  # misaligned for its dtype: view() needs a copy
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
+        if (self._data_start + begin) % dtype.itemsize:
+            # Misaligned for its dtype (writers other than ours need not align): torch's kernels
+            # assume aligned elements, so give them an aligned copy.
             raw = raw.clone()
         return raw.view(dtype).view(shape)
 
-    def get(self, name) -> torch.Tensor:
-        """An independent copy of one tensor."""
-        return self._view(name).clone()
-
     def copy_into(self, name, out: torch.Tensor) -> None:
-        """Copy one tensor into `out` (same shape; any dtype, any device), then drop the pages it read."""
+        """Copy tensor `name` into `out` (same shape; any dtype, any device), then release the
+        pages it read, so that loading tensor by tensor holds about one copy of the weights."""
         if tuple(out.shape) != self.shape(name):
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, "
-                                  f"expected {tuple(out.shape)}")
+                                  f"but the destination has shape {tuple(out.shape)}")
         with torch.no_grad():
             out.copy_(self._view(name))
-        _, _, begin, end = self.entries[name]
+        _, _, begin, end = self._entries[name]
         if end > begin and hasattr(mmap, "MADV_DONTNEED"):
-            # The mapping is private and never written, so dropping pages just lets the kernel reclaim
-            # them: loading a model tensor by tensor then holds about one copy of it in memory.
-            first = (self._start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, first, self._start + end - first)
+            # Pages of a private mapping that were only read are the file's page-cache pages:
+            # dropping them from this process costs a re-read at worst, and nothing was written.
+            first = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, first, self._data_start + end - first)
 
-    def close(self):
+    def get(self, name, device="cpu") -> torch.Tensor:
+        """An independent copy of tensor `name`."""
+        out = torch.empty(self.shape(name), dtype=self.dtype(name), device=device)
+        self.copy_into(name, out)
+        return out
+
+    def close(self) -> None:
         try:
             self._map.close()
-        except BufferError:  # a tensor from _view is still alive; the mapping closes when it dies
-            pass
-        self._file.close()
+        except BufferError:  # a view from _view() is still alive (say, in a traceback): the mapping
+            pass             # is then freed with the last reference to it
 
     def __enter__(self):
         return self
@@ -194,48 +246,65 @@ class SafetensorsFile:
         self.close()
 
 
-def load_safetensors(path, device="cpu") -> dict:
+def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, as independent copies on `device`."""
     with SafetensorsFile(path) as f:
-        return {name: f.get(name).to(device) for name in f.keys()}
+        return {name: f.get(name, device) for name in f.keys()}
 
 
-def read_safetensors_metadata(path) -> dict:
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The header's "__metadata__" (empty if absent), without touching the tensor data."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return _parse_header(path, f)[1]
+            return _read_header(path, f)[1]
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
 
 
 # ── Hugging Face model directories ─────────────────────────────────────────────────────────────
 
 def find_weight_files(directory) -> list[Path]:
-    """The weight files of an HF model directory: one file, or the shards its index lists."""
+    """The weight files of a Hugging Face model directory: a single file, or the shards its
+    index lists (each checked to exist), looking for WEIGHT_FILES in that order."""
     directory = Path(directory)
+    looked_for = f"looked for {', '.join(WEIGHT_FILES)}"
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory")
+        raise CheckpointError(f"{directory}: no such directory ({looked_for})")
     for name in WEIGHT_FILES:
         path = directory / name
         if not path.is_file():
             continue
         if not name.endswith(".index.json"):
             return [path]
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: not a valid index file (needs a 'weight_map' object): {e}") from None
+        shards = _read_index(path)
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise CheckpointError(f"{path} lists shard(s) that do not exist: {', '.join(missing)}")
+            raise CheckpointError(f"{path} lists shard(s) that do not exist in {directory}: {', '.join(missing)}")
         return [directory / s for s in shards]
-    raise CheckpointError(f"{directory}: no weight files; looked for {', '.join(WEIGHT_FILES)}")
+    raise CheckpointError(f"{directory}: no weight files ({looked_for})")
+
+
+def _read_index(path: Path) -> list[str]:
+    """The shard file names of an index file ({"weight_map": {tensor name: shard file name}})."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable index file ({e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: needs a non-empty 'weight_map' object of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()), key=str)
+    for s in shards:
+        # Shards live beside the index; a path elsewhere is a corrupt (or hostile) index.
+        if not isinstance(s, str) or Path(s).name != s or s in ("", ".", ".."):
+            raise CheckpointError(f"{path}: weight_map names {s!r}, which is not a file name in the same folder")
+    return shards
 
 
 class _BinFile:
-    """A PyTorch .bin state dict, loaded without running pickled code (weights_only) and mmapped."""
+    """A PyTorch .bin state dict: unpickled without running code (weights_only), memory-mapped
+    where the file's format allows it (the zip format of torch >= 1.6). Pages read stay resident
+    until the file is closed, so sharded .bin checkpoints peak about one shard above safetensors."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -243,54 +312,75 @@ class _BinFile:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
-                if "mmap" not in str(e):
+                if "mmap can only be used" not in str(e):
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, pre-zip format
         except Exception as e:  # the unpickler raises many types; all mean "not a loadable weights file"
-            raise CheckpointError(f"{path}: cannot be loaded as a weights-only state dict: "
-                                  f"{str(e).splitlines()[0]}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: is not a state dict of tensors")
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which loads only "
+                                  f"tensors and plain containers: {_reason(e)}") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise CheckpointError(f"{path}: not a state dict (a dict of str -> tensor)")
         self.tensors = state
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def shape(self, name):
+    def shape(self, name) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
-    def copy_into(self, name, out):
+    def dtype(self, name) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def copy_into(self, name, out: torch.Tensor) -> None:
         if tuple(out.shape) != self.shape(name):
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, "
-                                  f"expected {tuple(out.shape)}")
+                                  f"but the destination has shape {tuple(out.shape)}")
         with torch.no_grad():
             out.copy_(self.tensors[name])
 
-    def close(self):
+    def close(self) -> None:
         self.tensors = {}
 
 
+def _reason(e: Exception) -> str:
+    """The line of a torch.load error that says what is wrong (its other lines give advice,
+    such as weights_only=False, that is not for untrusted files)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(e).__name__
+
+
 class WeightReader:
-    """All tensors of an HF model directory, over all its shards: .shapes, copy_into(name, out)."""
+    """All tensors of a Hugging Face model directory, over all its shards.
+
+    .shapes: {checkpoint name: shape}, e.g. "model.layers.0.self_attn.q_proj.weight" -> (4096, 4096)
+    .dtypes: {checkpoint name: dtype as stored}
+    copy_into(name, out): fill `out` (same shape, any dtype/device) from the file holding `name`."""
 
     def __init__(self, directory):
-        self.files, self._owner, self.shapes = [], {}, {}
+        self.directory = Path(directory)
+        self.files, self.shapes, self.dtypes, self._owner = [], {}, {}, {}
         try:
-            for path in find_weight_files(directory):
+            for path in find_weight_files(self.directory):
                 f = SafetensorsFile(path) if path.suffix == ".safetensors" else _BinFile(path)
                 self.files.append(f)
                 for name in f.keys():
                     if name in self._owner:
                         raise CheckpointError(f"tensor {name!r} is in both {self._owner[name].path} and {path}")
-                    self._owner[name], self.shapes[name] = f, f.shape(name)
+                    self._owner[name], self.shapes[name], self.dtypes[name] = f, f.shape(name), f.dtype(name)
         except BaseException:
             self.close()
             raise
 
-    def copy_into(self, name, out):
+    def copy_into(self, name, out: torch.Tensor) -> None:
+        if name not in self._owner:
+            raise CheckpointError(f"{self.directory}: no tensor named {name!r} in its weight files")
         self._owner[name].copy_into(name, out)
 
-    def close(self):
+    def close(self) -> None:
         for f in self.files:
             f.close()
 
@@ -302,4 +392,5 @@ class WeightReader:
 
 
 def open_weights(directory) -> WeightReader:
+    """Open the weights of a Hugging Face model directory; see WeightReader."""
     return WeightReader(directory)

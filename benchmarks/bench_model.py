@@ -11,7 +11,6 @@
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -36,13 +35,10 @@ def hf_config(dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size):
                                     vocab_size=vocab_size, max_position_embeddings=4096)
 
 
-def median_seconds(fn, runs):
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_forward(name, config, batch, seq_len, runs):
@@ -58,15 +54,15 @@ def bench_forward(name, config, batch, seq_len, runs):
         diff = (ours(tokens) - hf(tokens, use_cache=False).logits).abs().max().item()
         t_ours, t_hf = [], []
         for _ in range(runs):  # interleaved
-            t_ours.append(median_seconds(lambda: ours(tokens), 1))
-            t_hf.append(median_seconds(lambda: hf(tokens, use_cache=False), 1))
+            t_ours.append(seconds(lambda: ours(tokens)))
+            t_hf.append(seconds(lambda: hf(tokens, use_cache=False)))
     t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
     print(f"{name:<34} {t_ours * 1e3:9.1f} ms {t_hf * 1e3:12.1f} ms {t_ours / t_hf:7.2f}   "
           f"(max |logit diff| {diff:.1e})")
 
 
-def child_peak_rss_mb(code):
-    """Peak resident set of a fresh Python running `code`, in MB.
+def child_peak_rss_mib(code):
+    """Peak resident set of a fresh Python running `code`, in MiB.
 
     Read from VmHWM in /proc/self/status, the high-water mark of the child's own address space.
     On Linux the child's getrusage ru_maxrss is not usable here: a process started by exec
@@ -85,14 +81,14 @@ def bench_load(directory):
                ((n, p.shape) for n, p in _meta_hf(config).named_parameters())}
     save_safetensors(tensors, directory / "model.safetensors")
     del tensors
-    size_mb = (directory / "model.safetensors").stat().st_size / 2**20
-    idle = child_peak_rss_mb("import torch, model")
-    load = child_peak_rss_mb(f"import model; model.Transformer.from_pretrained({str(directory)!r})")
-    print(f"checkpoint on disk              {size_mb:9.0f} MB")
-    print(f"peak RSS, idle python+torch     {idle:9.0f} MB")
-    print(f"peak RSS, from_pretrained       {load:9.0f} MB   raw / file size = {load / size_mb:.2f}")
-    print(f"net of idle                     {load - idle:9.0f} MB   net / file size = "
-          f"{(load - idle) / size_mb:.2f}   (target <= 1.2)")
+    size_mib = (directory / "model.safetensors").stat().st_size / 2**20
+    idle = child_peak_rss_mib("import torch, model")
+    load = child_peak_rss_mib(f"import model; model.Transformer.from_pretrained({str(directory)!r})")
+    print(f"checkpoint on disk              {size_mib:9.0f} MiB")
+    print(f"peak RSS, idle python+torch     {idle:9.0f} MiB")
+    print(f"peak RSS, from_pretrained       {load:9.0f} MiB   raw / file size = {load / size_mib:.2f}")
+    print(f"net of idle                     {load - idle:9.0f} MiB   net / file size = "
+          f"{(load - idle) / size_mib:.2f}   (target <= 1.2)")
 
 
 def _meta_hf(config):

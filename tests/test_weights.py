@@ -1,222 +1,406 @@
-"""weights.py against the `safetensors` package (both directions), and every way a file can be bad."""
+"""weights.py against the `safetensors` package (both directions), on malformed files, and on
+Hugging Face model directories (single, sharded, .bin)."""
 
 import json
+import mmap
+import random
 import struct
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
+import weights
 from weights import (CheckpointError, SafetensorsFile, find_weight_files, load_safetensors, open_weights,
                         read_safetensors_metadata, save_safetensors)
 
 
-def sample_tensors():
-    g = torch.Generator().manual_seed(0)
-    return {
-        "f32": torch.randn(3, 4, generator=g),
-        "bf16": torch.randn(5, generator=g).bfloat16(),
-        "f16": torch.randn(2, 3, generator=g).half(),
-        "f64": torch.randn(4, generator=g, dtype=torch.float64),
-        "i64": torch.arange(-3, 4),
-        "i32": torch.arange(5, dtype=torch.int32),
-        "i16": torch.arange(3, dtype=torch.int16),
-        "i8": torch.tensor([-1, 2], dtype=torch.int8),
-        "u8": torch.tensor([0, 255], dtype=torch.uint8),
-        "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 3),
-        "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
-    }
+def random_tensor(dtype, shape, seed=0) -> torch.Tensor:
+    """Random bits of `dtype` (NaNs and infinities included for floats): the format moves bytes."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in shape:
+        n *= d
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
 
 
-def assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        # Compare bytes: float8 has no equality kernel, and NaN-free bytes are the strictest check.
-        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+def sample() -> dict[str, torch.Tensor]:
+    """One tensor per dtype, plus a 0-d and an empty tensor; odd sizes so offsets are not all aligned."""
+    tensors = {f"t.{name}": random_tensor(dtype, (3, 5), seed=i)
+               for i, (name, dtype) in enumerate(weights.DTYPES.items())}
+    tensors["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
+    tensors["empty"] = torch.zeros(0, 7)
+    tensors["bytes"] = random_tensor(torch.uint8, (3,), seed=99)
+    return tensors
 
 
-def test_our_writer_is_read_by_the_package(tmp_path):
-    tensors = sample_tensors()
-    save_safetensors(tensors, tmp_path / "x.safetensors", metadata={"format": "pt", "note": "ü"})
-    assert_same(load_file(tmp_path / "x.safetensors"), tensors)
-    assert read_safetensors_metadata(tmp_path / "x.safetensors") == {"format": "pt", "note": "ü"}
-    assert (tmp_path / "x.safetensors").read_bytes()[:8] != b"\0" * 8
-    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temporary file left
+def assert_same(a: torch.Tensor, b: torch.Tensor):
+    """Same dtype, shape and bytes (bitwise, so NaNs compare equal)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def test_package_files_are_read_by_ours(tmp_path):
-    tensors = sample_tensors()
-    save_file(tensors, tmp_path / "x.safetensors", metadata={"k": "v"})
-    assert_same(load_safetensors(tmp_path / "x.safetensors"), tensors)
-    assert read_safetensors_metadata(tmp_path / "x.safetensors") == {"k": "v"}
+def header_of(path) -> dict:
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n])
 
 
-def test_copy_into_converts_like_torch(tmp_path):
-    tensors = sample_tensors()
-    save_file(tensors, tmp_path / "x.safetensors")
-    with SafetensorsFile(tmp_path / "x.safetensors") as f:
-        assert f.shape("f32") == (3, 4) and f.dtype("bf16") == torch.bfloat16
-        for name in ("bf16", "f16", "f64", "i64"):
-            out = torch.empty(tensors[name].shape, dtype=torch.float32)
-            f.copy_into(name, out)
-            assert torch.equal(out, tensors[name].float()), name
-        with pytest.raises(CheckpointError, match=r"x\.safetensors: tensor 'f32' has shape \(3, 4\), expected \(4, 3\)"):
-            f.copy_into("f32", torch.empty(4, 3))
-
-
-def test_misaligned_offsets_are_read_correctly(tmp_path):
-    # A valid file whose f32 tensor starts at an odd byte: other writers may produce this.
-    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}}
-    raw = json.dumps(header).encode()
-    data = b"\x07" + torch.tensor([1.5, -2.0]).numpy().tobytes()
-    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    loaded = load_safetensors(tmp_path / "m.safetensors")
-    assert torch.equal(loaded["b"], torch.tensor([1.5, -2.0])) and loaded["a"].item() == 7
-    assert torch.equal(load_file(tmp_path / "m.safetensors")["b"], loaded["b"])
-
-
-def write_raw(path, header, data: bytes, length=None):
-    raw = json.dumps(header).encode() if isinstance(header, dict) else header
-    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+def raw_file(path: Path, header, data: bytes = b"", length: int | None = None) -> Path:
+    """A safetensors file built by hand, so that it can be wrong in any one way."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head) if length is None else length) + head + data)
     return path
 
 
-@pytest.mark.parametrize("header, data, length, message", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "lie outside the 4 data bytes"),
-    ({}, b"", 10**6, "header length 1000000 exceeds the file size"),
-    (b"\xff\xfe not json", b"", None, "header is not valid UTF-8 JSON"),
-    (b"[1, 2]", b"", None, "header is not a JSON object"),
-    ({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown or missing dtype 'Q7'"),
-    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "is not a list of non-negative"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "4 bytes for shape [2] of F32, which needs 8"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, None, "lie outside"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None, "'a' and 'b' overlap"),
-    ({"__metadata__": {"k": 1}}, b"", None, "__metadata__ must map strings to strings"),
-])
-def test_malformed_files_name_the_file(tmp_path, header, data, length, message):
-    path = write_raw(tmp_path / "bad.safetensors", header, data, length)
-    with pytest.raises(CheckpointError) as e:
-        load_safetensors(path)
-    assert str(path) in str(e.value) and message in str(e.value)
+# ── both directions against the safetensors package ─────────────────────────────────────────────
+
+def test_files_we_write_are_read_by_the_package(tmp_path):
+    tensors = sample()
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors |= {"tied.a": base, "tied.b": base, "transposed": base.t(), "slice": base[1:, ::2]}
+    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "é ✓"})
+
+    theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
+    assert set(theirs) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(theirs[name], t.contiguous())
+    with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "é ✓"}
 
 
-def test_truncated_and_tiny_files(tmp_path):
-    save_safetensors(sample_tensors(), tmp_path / "x.safetensors")
-    whole = (tmp_path / "x.safetensors").read_bytes()
-    for cut in (3, 8, 40, len(whole) - 1):
-        (tmp_path / "cut.safetensors").write_bytes(whole[:cut])
+def test_files_the_package_writes_are_read_by_us(tmp_path):
+    tensors = sample()
+    safetensors.torch.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+
+    ours = load_safetensors(tmp_path / "theirs.safetensors")
+    assert set(ours) == set(tensors)
+    for name, t in tensors.items():
+        assert_same(ours[name], t)
+    assert read_safetensors_metadata(tmp_path / "theirs.safetensors") == {"format": "pt"}
+    with SafetensorsFile(tmp_path / "theirs.safetensors") as f:
+        assert set(f.keys()) == set(tensors)
+        assert all(f.shape(n) == tuple(t.shape) and f.dtype(n) == t.dtype for n, t in tensors.items())
+
+
+def test_round_trip_keeps_order_and_aligns_every_tensor(tmp_path):
+    tensors = sample()
+    save_safetensors(tensors, tmp_path / "x.safetensors")
+    header = header_of(tmp_path / "x.safetensors")
+    assert "__metadata__" not in header and list(header) == list(tensors)
+    for name, info in header.items():  # aligned data is what lets readers map tensors without a copy
+        assert info["data_offsets"][0] % tensors[name].element_size() == 0, name
+    assert (8 + struct.unpack("<Q", (tmp_path / "x.safetensors").read_bytes()[:8])[0]) % 8 == 0
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert f.keys() == list(tensors)
+        for name, t in tensors.items():
+            assert_same(f.get(name), t)
+
+
+def test_writing_a_contiguous_cpu_tensor_does_not_copy_it():
+    t = torch.randn(4, 8).bfloat16()
+    view = weights._bytes_of(t)
+    assert len(view) == t.numel() * 2 and torch.frombuffer(view, dtype=torch.uint8).data_ptr() == t.data_ptr()
+
+
+def test_misaligned_tensors_from_other_writers_are_read_correctly(tmp_path):
+    # One byte of U8 first puts the F32 tensor at an odd offset, which a zero-copy view cannot express.
+    values = torch.tensor([1.5, -2.0, 3.25])
+    header = {"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "f": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}
+    path = raw_file(tmp_path / "odd.safetensors", header, b"\x07" + values.numpy().tobytes())
+    loaded = load_safetensors(path)
+    assert loaded["b"].tolist() == [7] and torch.equal(loaded["f"], values)
+    with SafetensorsFile(path) as f:  # what kernels see is aligned for its dtype
+        assert f._view("f").data_ptr() % 4 == 0
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("wanted", [torch.float32, torch.bfloat16])
+def test_copy_into_converts_dtype_as_torch_does(tmp_path, stored, wanted):
+    t = (torch.randn(6, 10) * 100).to(stored)
+    safetensors.torch.save_file({"w": t}, tmp_path / "w.safetensors")
+    out = torch.full((6, 10), float("nan"), dtype=wanted)
+    with SafetensorsFile(tmp_path / "w.safetensors") as f:
+        f.copy_into("w", out)
+    assert torch.equal(out, t.to(wanted))
+
+
+def test_copy_into_a_wrong_shape_names_tensor_shapes_and_file(tmp_path):
+    save_safetensors({"w": torch.zeros(2, 3)}, tmp_path / "w.safetensors")
+    with SafetensorsFile(tmp_path / "w.safetensors") as f, pytest.raises(CheckpointError) as e:
+        f.copy_into("w", torch.empty(3, 2))
+    assert str(e.value) == (f"{tmp_path / 'w.safetensors'}: tensor 'w' has shape (2, 3), "
+                            f"but the destination has shape (3, 2)")
+
+
+@pytest.mark.skipif(not (Path("/proc/self/status").exists() and hasattr(mmap, "MADV_DONTNEED")),
+                    reason="needs Linux's /proc/self/status and madvise")
+def test_copy_into_releases_the_pages_it_read(tmp_path):
+    def rss_file_kb():  # resident pages that belong to mapped files
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssFile:"))
+        return int(line.split()[1])
+
+    big = torch.ones(8 * 2**20 // 4)  # 8 MiB
+    save_safetensors({"big": big}, tmp_path / "big.safetensors")
+    out = torch.zeros_like(big)
+    with SafetensorsFile(tmp_path / "big.safetensors") as f:
+        before = rss_file_kb()
+        f.copy_into("big", out)
+        grown_kb = rss_file_kb() - before
+    assert torch.equal(out, big)
+    assert grown_kb < 1024, f"{grown_kb} KiB of the 8 MiB file still resident after copy_into"
+
+
+# ── malformed files: always a CheckpointError naming the file and the fault ─────────────────────
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+MALFORMED = {
+    "too short": (lambda p: p.write_bytes(b"\x01\x02\x03"), "only 3 bytes, too short"),
+    "header length beyond the cap": (lambda p: raw_file(p, b"{}", length=2**62), "exceeds the 100000000-byte limit"),
+    "header length beyond the file": (lambda p: raw_file(p, b"{}", length=64), "header length 64 runs past the end"),
+    "header not UTF-8": (lambda p: raw_file(p, b'{"\xff": 1}'), "not valid UTF-8 JSON"),
+    "header not JSON": (lambda p: raw_file(p, b"{ garbage"), "not valid UTF-8 JSON"),
+    "header nested too deep": (lambda p: raw_file(p, b"[" * 100_000), "not valid UTF-8 JSON"),
+    "header not an object": (lambda p: raw_file(p, b"[1, 2]"), "header is a JSON list, not an object"),
+    "entry not an object": (lambda p: raw_file(p, {"w": 3}), "tensor 'w': header entry 3 is not an object"),
+    "duplicate name": (lambda p: raw_file(p, b'{"w": 1, "w": 2}'), "header names ['w'] twice"),
+    "metadata not str": (lambda p: raw_file(p, {"__metadata__": {"step": 3}}), "__metadata__ must map str to str"),
+    "metadata not a dict": (lambda p: raw_file(p, {"__metadata__": []}), "__metadata__ must map str to str"),
+    "unknown dtype": (lambda p: raw_file(p, {"w": F32x2 | {"dtype": "F7"}}, bytes(8)),
+                      "tensor 'w': unknown dtype 'F7'"),
+    "negative dim": (lambda p: raw_file(p, {"w": F32x2 | {"shape": [-2]}}, bytes(8)), "shape [-2] is not a list"),
+    "string dim": (lambda p: raw_file(p, {"w": F32x2 | {"shape": ["2"]}}, bytes(8)), "shape ['2'] is not a list"),
+    "offsets not a pair": (lambda p: raw_file(p, {"w": F32x2 | {"data_offsets": [0]}}, bytes(8)),
+                           "data_offsets [0] is not a pair"),
+    "offsets reversed": (lambda p: raw_file(p, {"w": F32x2 | {"data_offsets": [8, 0]}}, bytes(8)),
+                         "data_offsets [8, 0] is not a pair"),
+    "offsets past the data": (lambda p: raw_file(p, {"w": F32x2 | {"data_offsets": [8, 16]}}, bytes(8)),
+                              "data_offsets [8, 16] run past the 8 bytes of data"),
+    "wrong byte count": (lambda p: raw_file(p, {"w": F32x2 | {"data_offsets": [0, 4]}}, bytes(8)),
+                         "data_offsets [0, 4] hold 4 bytes, but shape [2] of F32 needs 8"),
+    "overlapping tensors": (lambda p: raw_file(p, {"a": F32x2, "b": F32x2 | {"data_offsets": [4, 12]}}, bytes(12)),
+                            "tensors 'a' and 'b' overlap"),
+    "truncated data": (lambda p: raw_file(p, {"w": F32x2 | {"shape": [4], "data_offsets": [0, 16]}}, bytes(10)),
+                       "run past the 10 bytes of data (truncated file?)"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_file_is_refused_with_the_file_and_fault_named(tmp_path, case):
+    make, fault = MALFORMED[case]
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    for read in (load_safetensors, SafetensorsFile):
+        with pytest.raises(CheckpointError) as e:
+            read(path)
+        assert str(path) in str(e.value) and fault in str(e.value), str(e.value)
+
+
+def test_every_truncation_of_a_good_file_is_refused(tmp_path):
+    tensors = {"w": torch.randn(2, 3), "b": torch.randn(3).bfloat16(), "n": torch.arange(2), "e": torch.zeros(0)}
+    save_safetensors(tensors, tmp_path / "good.safetensors", metadata={"a": "b"})
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    assert load_safetensors(tmp_path / "good.safetensors").keys() == tensors.keys()
+    for n in range(len(raw)):
+        (tmp_path / "cut.safetensors").write_bytes(raw[:n])
         with pytest.raises(CheckpointError, match="cut.safetensors"):
             load_safetensors(tmp_path / "cut.safetensors")
 
 
-def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(2)}, path)
-    before = path.read_bytes()
-
-    class Exploding(torch.Tensor):  # a tensor whose bytes cannot be taken: the write fails midway
-        def cpu(self):
-            raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        save_safetensors({"a": torch.ones(3), "b": torch.ones(2).as_subclass(Exploding)}, path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
-
-
-def test_writer_refuses_what_it_cannot_store(tmp_path):
-    with pytest.raises(TypeError, match="str -> Tensor"):
-        save_safetensors({"a": [1, 2]}, tmp_path / "x.safetensors")
-    with pytest.raises(TypeError, match="metadata must map str to str"):
-        save_safetensors({"a": torch.ones(1)}, tmp_path / "x.safetensors", metadata={"k": 1})
-    with pytest.raises(TypeError, match="complex64"):
-        save_safetensors({"a": torch.ones(1, dtype=torch.complex64)}, tmp_path / "x.safetensors")
-    assert not list(tmp_path.iterdir())
+def test_corrupted_headers_never_escape_as_other_errors(tmp_path):
+    save_safetensors(sample(), tmp_path / "good.safetensors")
+    raw = bytearray((tmp_path / "good.safetensors").read_bytes())
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    rng, refused = random.Random(0), 0
+    for _ in range(300):
+        bad = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            bad[rng.randrange(header_end)] = rng.randrange(256)
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        try:  # a flip may leave a valid file (e.g. a renamed tensor); anything else must be a CheckpointError
+            load_safetensors(tmp_path / "bad.safetensors")
+        except CheckpointError:
+            refused += 1
+    assert refused > 200
 
 
-# ── Hugging Face directories ─────────────────────────────────────────────────────────────────
-
-def state():
-    return {"model.embed_tokens.weight": torch.randn(6, 4), "model.norm.weight": torch.randn(4),
-            "lm_head.weight": torch.randn(6, 4).bfloat16()}
-
-
-def read_all(directory):
-    with open_weights(directory) as reader:
-        out = {}
-        for name, shape in reader.shapes.items():
-            out[name] = torch.empty(shape)
-            reader.copy_into(name, out[name])
-        return out
+def test_a_missing_file_is_a_checkpoint_error(tmp_path):
+    for read in (load_safetensors, read_safetensors_metadata):
+        with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope.safetensors'}: cannot open"):
+            read(tmp_path / "nope.safetensors")
 
 
-def shard(tmp_path, kind):
-    s = state()
-    names = list(s)
-    parts = {f"part-0000{i + 1}.{kind}": {n: s[n] for n in names[i::2]} for i in range(2)}
-    for file, tensors in parts.items():
-        if kind == "safetensors":
-            save_safetensors(tensors, tmp_path / file)
-        else:
-            torch.save(tensors, tmp_path / file)
-    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
-    weight_map = {n: file for file, tensors in parts.items() for n in tensors}
-    (tmp_path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return s
+def test_asking_for_an_absent_tensor_names_it_and_the_file(tmp_path):
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    with SafetensorsFile(tmp_path / "w.safetensors") as f:
+        with pytest.raises(CheckpointError, match=f"{tmp_path / 'w.safetensors'}: no tensor named 'v'"):
+            f.shape("v")
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "bin", "sharded safetensors", "sharded bin"])
-def test_every_directory_layout_reads_the_same(tmp_path, layout):
+# ── writing: refuses what it cannot store, and is atomic ────────────────────────────────────────
+
+@pytest.mark.parametrize("tensors, metadata, error, message", [
+    ({"w": [1.0, 2.0]}, None, TypeError, "'w' must be a dense tensor with data, got list"),
+    ({3: torch.zeros(1)}, None, TypeError, "tensor names must be str, got 3"),
+    ({"w": torch.zeros(2, dtype=torch.complex64)}, None, TypeError, "dtype torch.complex64"),
+    ({"w": torch.zeros(2).to_sparse()}, None, TypeError, "must be a dense tensor"),
+    ({"__metadata__": torch.zeros(1)}, None, CheckpointError, "'__metadata__' is reserved"),
+    ({"w": torch.zeros(1)}, {"step": 3}, TypeError, "metadata must map str to str"),
+])
+def test_save_refuses_what_safetensors_cannot_hold(tmp_path, tensors, metadata, error, message):
+    with pytest.raises(error, match=message) as e:
+        save_safetensors(tensors, tmp_path / "x.safetensors", metadata)
+    assert str(tmp_path / "x.safetensors") in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "adapter.safetensors"
+    save_safetensors({"w": torch.ones(3)}, path)
+    good = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_safetensors({"w": torch.zeros(1000)}, path)
+    assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
+
+    monkeypatch.undo()
+    save_safetensors({"w": torch.zeros(5)}, path)
+    assert torch.equal(load_safetensors(path)["w"], torch.zeros(5)) and list(tmp_path.iterdir()) == [path]
+
+
+# ── Hugging Face directories ───────────────────────────────────────────────────────────────────
+
+WEIGHTS = {"model.embed_tokens.weight": torch.randn(10, 4), "model.norm.weight": torch.randn(4).bfloat16(),
+           "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4), "lm_head.weight": torch.randn(10, 4)}
+
+
+def write_index(directory: Path, name: str, shards: dict[str, list[str]]):
+    weight_map = {tensor: shard for shard, tensors in shards.items() for tensor in tensors}
+    (directory / name).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+def write_directory(directory: Path, layout: str) -> Path:
+    directory.mkdir()
+    first, second = list(WEIGHTS)[:2], list(WEIGHTS)[2:]
     if layout == "safetensors":
-        s = state()
-        save_safetensors(s, tmp_path / "model.safetensors")
+        save_safetensors(WEIGHTS, directory / "model.safetensors")
+    elif layout == "sharded safetensors":
+        shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+        for shard, names in shards.items():
+            safetensors.torch.save_file({n: WEIGHTS[n] for n in names}, directory / shard)
+        write_index(directory, "model.safetensors.index.json", shards)
     elif layout == "bin":
-        s = state()
-        torch.save(s, tmp_path / "pytorch_model.bin")
-    else:
-        s = shard(tmp_path, layout.split()[1])
-    got = read_all(tmp_path)
-    assert got.keys() == s.keys()
-    for k in s:
-        assert torch.equal(got[k], s[k].float()), k
-    assert len(find_weight_files(tmp_path)) == (2 if layout.startswith("sharded") else 1)
+        torch.save(WEIGHTS, directory / "pytorch_model.bin")
+    elif layout == "legacy bin":  # the pre-zip format, which cannot be memory-mapped
+        torch.save(WEIGHTS, directory / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    elif layout == "sharded bin":
+        shards = {"pytorch_model-00001-of-00002.bin": first, "pytorch_model-00002-of-00002.bin": second}
+        for shard, names in shards.items():
+            torch.save({n: WEIGHTS[n] for n in names}, directory / shard)
+        write_index(directory, "pytorch_model.bin.index.json", shards)
+    return directory
 
 
-def test_directory_errors_name_what_was_looked_for(tmp_path):
-    with pytest.raises(CheckpointError, match="nowhere: no such directory"):
-        find_weight_files(tmp_path / "nowhere")
+@pytest.mark.parametrize("layout", ["safetensors", "sharded safetensors", "bin", "legacy bin", "sharded bin"])
+def test_open_weights_reads_every_layout(tmp_path, layout):
+    directory = write_directory(tmp_path / "model", layout)
+    n_files = 2 if layout.startswith("sharded") else 1
+    assert len(find_weight_files(directory)) == n_files
+    with open_weights(directory) as reader:
+        assert reader.shapes == {n: tuple(t.shape) for n, t in WEIGHTS.items()}
+        assert reader.dtypes == {n: t.dtype for n, t in WEIGHTS.items()}
+        for name, t in WEIGHTS.items():
+            out = torch.empty(t.shape, dtype=torch.float32)
+            reader.copy_into(name, out)
+            assert torch.equal(out, t.float()), name
+        with pytest.raises(CheckpointError, match="no tensor named 'model.nope'"):
+            reader.copy_into("model.nope", out)
+
+
+def test_safetensors_is_preferred_over_bin(tmp_path):
+    directory = write_directory(tmp_path / "model", "bin")
+    save_safetensors(WEIGHTS, directory / "model.safetensors")
+    assert find_weight_files(directory) == [directory / "model.safetensors"]
+
+
+@pytest.mark.parametrize("make", [lambda d: None, lambda d: d.mkdir()], ids=["missing", "empty"])
+def test_a_directory_without_weights_names_it_and_the_files_looked_for(tmp_path, make):
+    directory = tmp_path / "llama"
+    make(directory)
     with pytest.raises(CheckpointError) as e:
+        open_weights(directory)
+    assert str(e.value).startswith(str(directory))
+    assert all(name in str(e.value) for name in weights.WEIGHT_FILES)
+
+
+def test_a_missing_shard_names_the_index_and_the_shard(tmp_path):
+    directory = write_directory(tmp_path / "model", "sharded safetensors")
+    (directory / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        find_weight_files(directory)
+    assert str(directory / "model.safetensors.index.json") in str(e.value)
+    assert "model-00002-of-00002.safetensors" in str(e.value)
+
+
+@pytest.mark.parametrize("index, fault", [
+    ("{", "not a readable index file"),
+    ('{"weight_map": {}}', "needs a non-empty 'weight_map'"),
+    ('{"weight_map": {"w": "../model.safetensors"}}', "'../model.safetensors', which is not a file name"),
+])
+def test_a_bad_index_is_refused(tmp_path, index, fault):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json") as e:
         find_weight_files(tmp_path)
-    assert str(tmp_path) in str(e.value) and "model.safetensors, model.safetensors.index.json" in str(e.value)
-    shard(tmp_path, "safetensors")
-    (tmp_path / "part-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json lists shard\(s\) that do not exist: "
-                                              r"part-00002.safetensors"):
-        find_weight_files(tmp_path)
+    assert fault in str(e.value)
 
 
-def test_duplicate_tensor_across_shards(tmp_path):
-    save_safetensors({"a": torch.ones(1)}, tmp_path / "s1.safetensors")
-    save_safetensors({"a": torch.ones(1)}, tmp_path / "s2.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
-    with pytest.raises(CheckpointError, match="tensor 'a' is in both"):
-        open_weights(tmp_path)
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    directory = write_directory(tmp_path / "model", "sharded safetensors")
+    save_safetensors({"model.norm.weight": torch.zeros(4)}, directory / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is in both .*00001.* and .*00002"):
+        open_weights(directory)
 
 
-class NotATensor:  # pickled by reference: loading it would import and run this module's code
-    pass
+class Payload:
+    """Unpickling this runs `leave_mark`: what a hostile .bin file would do."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return leave_mark, (self.mark,)
 
 
-def test_bin_with_code_is_refused(tmp_path):
-    torch.save({"a": torch.ones(1), "evil": NotATensor()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be loaded as a weights-only state dict"):
-        open_weights(tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip nor a pickle")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be loaded"):
+def leave_mark(path):
+    Path(path).write_text("pickled code ran")
+
+
+def test_a_bin_with_pickled_code_is_refused_without_running_it(tmp_path):
+    directory, mark = tmp_path / "model", tmp_path / "mark"
+    directory.mkdir()
+    torch.save({"w": torch.zeros(2), "evil": Payload(str(mark))}, directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        open_weights(directory)
+    assert str(directory / "pytorch_model.bin") in str(e.value) and "Unsupported global" in str(e.value)
+    assert "weights_only=False" not in str(e.value)  # the advice torch gives is not for untrusted files
+    assert not mark.exists()
+
+
+@pytest.mark.parametrize("content", [b"not a pickle", None], ids=["garbage", "list of tensors"])
+def test_a_bin_that_is_not_a_state_dict_is_refused(tmp_path, content):
+    path = tmp_path / "pytorch_model.bin"
+    if content is None:
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{path}: "):
         open_weights(tmp_path)
