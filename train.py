@@ -147,12 +147,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, args, before) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before) -> None:
     """Everything a resumed run needs, in one file written atomically: a temporary file, then a rename,
     so an interrupt leaves either the old checkpoint or the new one, never half of one."""
     state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "step": step, "args": vars(args), "before": before}
+             "rng": rng_state(), "step": step, "args": vars(args), "before": before,
+             # Informative: the next batch is fixed by the step alone (see data.batch_indices).
+             "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -207,8 +209,7 @@ def loss_sum(logits, labels):
 
 def evaluate_all(model, tokenizer, eval_sets, args, autocast) -> dict:
     with autocast:
-        return {task: data.evaluate(model, tokenizer, examples, args.eval_mode, args.eval_batch_size)
-                for task, examples in eval_sets.items()}
+        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size)
 
 
 def print_table(before: dict | None, after: dict) -> None:
@@ -273,10 +274,10 @@ def run(args) -> int:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
         train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task]
-        train_items, dropped = data.encode_for_training(tokenizer, train_examples[:args.train_limit],
-                                                        args.cutoff_len, args.train_on_prompt)
-        say(f"training examples: {len(train_items)}" + (f" ({dropped} longer than --cutoff-len "
-                                                        f"{args.cutoff_len} tokens were left out)" if dropped else ""))
+        train_items, counts = data.encode_for_training(tokenizer, train_examples[:args.train_limit],
+                                                       args.cutoff_len, args.train_on_prompt)
+        say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
+            f"{counts['truncated']} had the start of their prompt cut, {counts['dropped']} were left out")
         if len(train_items) < args.batch_size:
             raise UsageError(f"--data: {len(train_items)} usable training examples, fewer than --batch-size "
                              f"{args.batch_size}")
@@ -305,7 +306,7 @@ def run(args) -> int:
         train_model = torch.compile(train_model)  # `model` stays the uncompiled one we save
 
     # ── optimizer and schedule ──
-    steps_per_epoch = len(train_items) // args.batch_size  # the last partial batch of an epoch is skipped
+    steps_per_epoch = len(train_items) // args.batch_size  # data.batch_indices skips an epoch's last partial batch
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
@@ -330,16 +331,14 @@ def run(args) -> int:
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)
-    per_rank = args.batch_size // world
     log = open(out / "log.jsonl", "a") if main_process else None
     interrupt = Interrupt()
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_process)
     t0, tokens_seen, loss_acc, loss_n, train_start = time.time(), 0, 0.0, 0, time.time()
     for step in bar:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = data.epoch_order(len(train_items), args.seed, epoch)
-        mine = order[offset * args.batch_size:(offset + 1) * args.batch_size][rank * per_rank:(rank + 1) * per_rank]
+        # The data position is the step: this process's share of global batch `step`.
+        mine = data.batch_indices(len(train_items), args.batch_size, args.seed, step, rank, world)
         batches = [data.collate([train_items[i] for i in mine[m::micro_steps]], tokenizer.pad_id)
                    for m in range(micro_steps)]
         # Normalise by the response tokens of the whole global batch, so that the gradient is the same
@@ -393,7 +392,7 @@ def run(args) -> int:
         stop = all_sum(float(interrupt.requested), device) > 0
         if stop or done % args.save_every == 0 or done == total_steps:
             if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, args, before)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before)
         if stop:
             say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
                 f"command and --resume.")
