@@ -231,6 +231,11 @@ def layer_summary(stats: dict) -> dict:
             "cos_after": sum(s["cos_after"] for s in stats.values()) / n}
 
 
+def append_log(out: Path, entry: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -269,6 +274,10 @@ def run(args) -> int:
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
     tokenizer = data.Tokenizer(model_dir / "tokenizer.model")
     eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
+    if eval_path is None and args.eval_only:
+        raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")
+    if eval_path is None:
+        say("no --eval-data (and --data is not a folder with test files): training without evaluation")
     eval_sets = {t: ex[:args.eval_limit] for t, ex in data.load_tasks(eval_path, "test").items()} if eval_path else {}
     if not args.eval_only:
         if args.data is None:
@@ -331,7 +340,6 @@ def run(args) -> int:
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)
-    log = open(out / "log.jsonl", "a") if main_process else None
     interrupt = Interrupt()
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_process)
@@ -354,10 +362,11 @@ def run(args) -> int:
                 if recorder is not None:
                     recorder.mask = mask
                 loss = loss_sum(train_model(tokens, mask), labels) / n_tokens
+                objective = loss
                 if args.aux_loss_coef:
-                    loss = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro_steps / world
-                (loss * world).backward()
-            step_loss += loss.item()
+                    objective = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro_steps / world
+                (objective * world).backward()
+            step_loss += loss.item()  # the language-model loss alone is what we log
             tokens_seen += int(mask.sum())
         step_loss = all_sum(step_loss, device)
         if not math.isfinite(step_loss):
@@ -381,13 +390,12 @@ def run(args) -> int:
             bar.write(f"step {done}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, {entry['tokens_per_s']:.0f} tok/s"
                       + (f", router p {summary['prob']} load {summary['load']}, expert |cos| before "
                          f"Gram-Schmidt {summary['cos_before']:.3f} after {summary['cos_after']:.3f}" if summary else ""))
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+            append_log(out, entry)
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
         if args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets:
             results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
             if main_process:
-                log.write(json.dumps({"step": done, "eval": results}) + "\n")
+                append_log(out, {"step": done, "eval": results})
                 bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
         stop = all_sum(float(interrupt.requested), device) > 0
         if stop or done % args.save_every == 0 or done == total_steps:

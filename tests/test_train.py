@@ -194,3 +194,23 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
                "--adapter", out / "adapter", "--eval-mode", "generate", "--eval-limit", 2) == 0
     gen = json.loads((tmp_path / "gen" / "results.json").read_text())["after"]
     assert all(0 <= r["no_label"] <= r["n"] == 2 for r in gen.values())
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lora"], {"experts": 1, "top_k": None, "orth": "none"}),
+    (["--orth", "none"], {"experts": 2, "top_k": None, "orth": "none"}),
+    (["--experts", "4", "--top-k", "2", "--aux-loss-coef", "0.01", "--orth", "orthogonal"],
+     {"experts": 4, "top_k": 2, "orth": "orthogonal"}),
+])
+def test_baselines_run_from_the_same_command(tiny_model_dir, task_dir, tmp_path, flags, expected):
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 3, *QUICK, *flags) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in expected} == expected
+    assert all(map(torch.isfinite, map(torch.tensor, losses(tmp_path))))
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tiny_model_dir, task_dir, tmp_path):
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 3, *QUICK]
+    assert run(*common, "--out", tmp_path / "plain") == 0
+    assert run(*common, "--out", tmp_path / "recompute", "--grad-checkpoint") == 0
+    assert losses(tmp_path / "recompute") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
