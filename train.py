@@ -120,6 +120,10 @@ class UsageError(Exception):
     """A problem with the command line or its files: printed as one line, exit code 2."""
 
 
+class TrainingDiverged(Exception):
+    """A NaN or infinite loss: printed as one line, exit code 1, the last good checkpoint kept."""
+
+
 def lr_lambda(args, total_steps: int):
     def factor(step):  # multiplier of --lr at optimizer step `step` (0-based)
         if step < args.warmup:
@@ -143,7 +147,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -221,14 +225,14 @@ def print_table(before: dict | None, after: dict) -> None:
 
 
 def layer_summary(stats: dict) -> dict:
-    """Per-layer diagnostics -> averages over layers for the terminal."""
-    if not stats:
-        return {}
-    n, E = len(stats), len(next(iter(stats.values()))["prob"])
-    mean = lambda key: [round(sum(s[key][e] for s in stats.values()) / n, 3) for e in range(E)]  # noqa: E731
-    return {"prob": mean("prob"), "load": mean("load"),
-            "cos_before": sum(s["cos_before"] for s in stats.values()) / n,
-            "cos_after": sum(s["cos_after"] for s in stats.values()) / n}
+    """Per-layer diagnostics -> their means over the routed layers (none for plain LoRA)."""
+    rows = list(stats.values())
+    keys = ("prob", "load", "cos_before", "cos_after")
+    return {k: torch.tensor([r[k] for r in rows]).mean(0).tolist() for k in keys} if rows else {}
+
+
+def rounded(xs: list) -> list:
+    return [round(x, 3) for x in xs]
 
 
 def append_log(out: Path, entry: dict) -> None:
@@ -388,7 +392,7 @@ def run(args) -> int:
                      "experts": recorder.summary() if recorder is not None else {}}
             summary = layer_summary(entry["experts"])
             bar.write(f"step {done}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, {entry['tokens_per_s']:.0f} tok/s"
-                      + (f", router p {summary['prob']} load {summary['load']}, expert |cos| before "
+                      + (f", router p {rounded(summary['prob'])} load {rounded(summary['load'])}, expert |cos| before "
                          f"Gram-Schmidt {summary['cos_before']:.3f} after {summary['cos_after']:.3f}" if summary else ""))
             append_log(out, entry)
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
@@ -418,10 +422,6 @@ def run(args) -> int:
                                           "train_seconds": train_time, "before": before, "after": after})
         print(f"\nadapters: {out / 'adapter'}   results: {out / 'results.json'}   log: {out / 'log.jsonl'}")
     return 0
-
-
-class TrainingDiverged(Exception):
-    pass
 
 
 def main(argv=None) -> int:
