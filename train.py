@@ -28,7 +28,6 @@ import data
 import omoe
 from model import Transformer
 
-TARGETS = ",".join(omoe.TARGETS)
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
 RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "orth",
                      "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
@@ -49,7 +48,7 @@ def parse_args(argv=None):
     a("--rank", type=int, default=16, help="LoRA rank r of each expert")
     a("--alpha", type=float, default=32, help="LoRA alpha; experts are scaled by alpha / rank")
     a("--dropout", type=float, default=0.05, help="dropout on the experts' input")
-    a("--targets", default=TARGETS, help="comma-separated names of the linear layers to adapt")
+    a("--targets", default=",".join(omoe.TARGETS), help="comma-separated names of the linear layers to adapt")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
       help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, or none (vanilla MoE-LoRA)")
     a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts)")
@@ -138,10 +137,8 @@ def lr_lambda(args, total_steps: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state: dict) -> None:
