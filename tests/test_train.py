@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,23 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny_model_dir, task_
     assert run(*common, "--out", tmp_path / "plain") == 0
     assert run(*common, "--out", tmp_path / "recompute", "--grad-checkpoint") == 0
     assert losses(tmp_path / "recompute") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, task_dir, tmp_path):
+    """A real SIGINT in the middle of training: the step finishes, a checkpoint is saved, exit code 130."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train.py", "--model", str(tiny_model_dir), "--data", str(task_dir),
+                             "--out", str(out), "--max-steps", "100000", "--save-every", "100000", *QUICK],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # training has started once the first step is logged
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "checkpoint saved to" in stdout
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 1 and not list(out.glob("*.tmp"))
