@@ -35,19 +35,42 @@ RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "drop
                      "seed", "train_limit")
 
 
+# Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
+# LLaMA (assets/), which a laptop CPU fine-tunes in about two minutes. A flag given always wins.
+ASSETS = Path(__file__).resolve().parent / "assets"
+PAPER = dict(rank=16, alpha=32, dropout=0.05, batch_size=16, micro_batch_size=4, lr=2e-4, epochs=2, warmup=100,
+             eval_batch_size=16, log_every=10)
+EMBEDDED = dict(model=str(ASSETS / "tiny-llama"), data=str(ASSETS / "world"), rank=8, alpha=16, dropout=0.0,
+                batch_size=16, micro_batch_size=16, lr=2e-3, epochs=1, warmup=10, eval_batch_size=64, log_every=50)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" after help that says what None means
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default=None, help="local Hugging Face LLaMA directory (config.json, weights, tokenizer.model)")
-    a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of <task>/train.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+
+    def a(flag, help, **kw):
+        key = flag[2:].replace("-", "_")
+        if key in PAPER:  # the default depends on the recipe: filled in after parsing
+            kw["default"] = argparse.SUPPRESS
+            help += f" (default: {PAPER[key]} with --model, {EMBEDDED[key]} for the embedded model)"
+        p.add_argument(flag, help=help, **kw)
+    a("--model", default=None, help="local Hugging Face LLaMA directory (config.json, weights, tokenizer.model); "
+                                    "without it, the embedded tiny LLaMA of assets/tiny-llama")
+    a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of <task>/train.json "
+                                   "(without --model: the embedded tasks of assets/world)")
     a("--eval-data", default=None, help="evaluation data: a JSON file or a folder of <task>/test.json "
                                         "(default: the test files beside --data, when it is a folder)")
     a("--experts", type=int, default=2, help="LoRA experts per adapted layer")
     a("--top-k", type=int, default=None, help="active experts per token (default: all = soft routing)")
-    a("--rank", type=int, default=16, help="LoRA rank r of each expert")
-    a("--alpha", type=float, default=32, help="LoRA alpha; experts are scaled by alpha / rank")
-    a("--dropout", type=float, default=0.05, help="dropout on the experts' input")
+    a("--rank", type=int, help="LoRA rank r of each expert")
+    a("--alpha", type=float, help="LoRA alpha; experts are scaled by alpha / rank")
+    a("--dropout", type=float, help="dropout on the experts' input")
     a("--targets", default=",".join(omoe.TARGETS), help="comma-separated names of the linear layers to adapt")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
       help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, or none (vanilla MoE-LoRA)")
@@ -56,24 +79,24 @@ def parse_args(argv=None):
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
       help="storage dtype of the frozen base model (adapters stay float32; auto = bfloat16 on CUDA)")
-    a("--batch-size", type=int, default=16, help="examples per optimizer step (over all processes)")
-    a("--micro-batch-size", type=int, default=4, help="examples per forward pass (gradient accumulation)")
-    a("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
+    a("--batch-size", type=int, help="examples per optimizer step (over all processes)")
+    a("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
+    a("--lr", type=float, help="peak learning rate of AdamW")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--epochs", type=float, default=2, help="passes over the training data")
+    a("--epochs", type=float, help="passes over the training data")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    a("--warmup", type=int, default=100, help="linear warm-up steps")
+    a("--warmup", type=int, help="linear warm-up steps")
     a("--schedule", choices=("constant", "cosine", "linear"), default="linear", help="learning-rate decay after warm-up")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     a("--cutoff-len", type=int, default=512, help="longest training example in tokens (see data.py for truncation)")
     a("--train-on-prompt", action="store_true", help="compute the loss on the prompt too, not only the response")
-    a("--train-limit", type=int, default=None, help="use only the first N training examples (quick runs)")
+    a("--train-limit", type=int, default=None, help="use only the first N training examples of each task (quick runs)")
     a("--eval-limit", type=int, default=None, help="evaluate on at most N examples per task (quick runs)")
     a("--eval-mode", choices=("likelihood", "generate"), default="likelihood",
       help="likelihood: score each answer label; generate: greedy decoding then the first label found")
-    a("--eval-batch-size", type=int, default=16, help="examples per evaluation batch")
+    a("--eval-batch-size", type=int, help="examples per evaluation batch")
     a("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only before and after)")
-    a("--log-every", type=int, default=10, help="log loss, router load and expert similarity every N steps")
+    a("--log-every", type=int, help="log loss, router load and expert similarity every N steps")
     a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
     a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")
@@ -83,6 +106,10 @@ def parse_args(argv=None):
     a("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
     a("--compile", action="store_true", help="torch.compile the model for training")
     args = p.parse_args(argv)
+    recipe = EMBEDDED if args.model is None else PAPER
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.lora:
         args.experts, args.top_k = 1, None
     checks = [
@@ -228,6 +255,20 @@ def layer_summary(stats: dict) -> dict:
     return {k: torch.tensor([r[k] for r in rows]).mean(0).tolist() for k in keys} if rows else {}
 
 
+def print_diversity(stats: dict) -> None:
+    """The router and expert-diversity diagnostics of the last logged step, one row per block."""
+    blocks: dict[str, dict] = {}
+    for name, s in stats.items():  # "layers.3.mlp.up_proj" -> block "3"
+        blocks.setdefault(name.split(".")[1] if name.startswith("layers.") else name, {})[name] = s
+    print("\nexperts at the last logged step, mean over each block's adapted layers; |cos| is the mean |cosine|"
+          "\nbetween two experts' outputs for one token, before and after Gram-Schmidt (0 = orthogonal):")
+    print(f"{'block':<8}{'router load per expert':<28}{'|cos| before':>13}{'after':>8}")
+    for block, layers in blocks.items():
+        s = layer_summary(layers)
+        load = " ".join(f"{x:.2f}" for x in s["load"])
+        print(f"{block:<8}{load:<28}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
+
+
 def rounded(xs: list) -> list:
     return [round(x, 3) for x in xs]
 
@@ -268,8 +309,6 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
 
     # ── data ──
-    if args.model is None:
-        raise UsageError("--model is required: a local Hugging Face LLaMA directory")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
@@ -283,8 +322,8 @@ def run(args) -> int:
     if not args.eval_only:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
-        train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task]
-        train_items, counts = data.encode_for_training(tokenizer, train_examples[:args.train_limit],
+        train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task[:args.train_limit]]
+        train_items, counts = data.encode_for_training(tokenizer, train_examples,
                                                        args.cutoff_len, args.train_on_prompt)
         say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
             f"{counts['truncated']} had the start of their prompt cut, {counts['dropped']} were left out")
@@ -338,6 +377,7 @@ def run(args) -> int:
     elif eval_sets:
         say("evaluating the base model ...")
         before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
+        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)
@@ -345,6 +385,7 @@ def run(args) -> int:
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_process)
     t0, tokens_seen, loss_acc, loss_n, train_start = time.time(), 0, 0.0, 0, time.time()
+    last_stats = {}  # the diagnostics of the last logged step, printed at the end
     for step in bar:
         # The data position is the step: this process's share of global batch `step`.
         mine = data.batch_indices(len(train_items), args.batch_size, args.seed, step, rank, world)
@@ -392,6 +433,7 @@ def run(args) -> int:
                       + (f", router p {rounded(summary['prob'])} load {rounded(summary['load'])}, expert |cos| before "
                          f"Gram-Schmidt {summary['cos_before']:.3f} after {summary['cos_after']:.3f}" if summary else ""))
             append_log(out, entry)
+            last_stats = entry["experts"]
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
         if args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets:
             results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
@@ -414,6 +456,8 @@ def run(args) -> int:
     if main_process:
         omoe.save_adapters(model, out / "adapter")
         print_table(before, after)
+        if last_stats:
+            print_diversity(last_stats)
         write_json(out / "results.json", {"config": vars(args), "trainable_params": trainable,
                                           "total_params": total, "steps": total_steps,
                                           "train_seconds": train_time, "before": before, "after": after})
