@@ -95,6 +95,8 @@ def parse_args(argv=None):
     a("--eval-mode", choices=("likelihood", "generate"), default="likelihood",
       help="likelihood: score each answer label; generate: greedy decoding then the first label found")
     a("--eval-batch-size", type=int, help="examples per evaluation batch")
+    a("--skip-base-eval", action="store_true",
+      help="do not evaluate the base model first (e.g. when many runs share it)")
     a("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only before and after)")
     a("--log-every", type=int, help="log loss, router load and expert similarity every N steps")
     a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
@@ -374,7 +376,7 @@ def run(args) -> int:
         set_rng_state(ckpt["rng"])
         start_step, before = ckpt["step"], ckpt["before"]
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
-    elif eval_sets:
+    elif eval_sets and not args.skip_base_eval:
         say("evaluating the base model ...")
         before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
         say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))

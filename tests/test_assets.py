@@ -23,18 +23,30 @@ def load_build():
     return module
 
 
-def test_checkpoint_loads_and_predicts_its_world():
+def test_checkpoint_loads_and_knows_its_world():
+    """The shipped checkpoint loads like any HF LLaMA, and the base model answers the pretraining
+    text's numbered quizzes about the held-out creatures: the knowledge fine-tuning must reach."""
     model = Transformer.from_pretrained(MODEL)
     config = json.loads((MODEL / "config.json").read_text())
     tok = data.Tokenizer(MODEL / "tokenizer.model")
     assert model.args.vocab_size == tok.vocab_size == config["vocab_size"]
     assert model.args.dim == config["hidden_size"] and model.args.n_kv_heads < model.args.n_heads  # GQA
-    # The base model knows the facts: it completes a description of a held-out creature correctly.
+    assert (MODEL / "model.safetensors").stat().st_size < 5 * 2**20  # a few MB at most
+    build = load_build()
     facts = json.loads((WORLD / "facts.json").read_text())
-    name = sorted(facts)[0]
-    ids = torch.tensor([tok.encode(f"{name} lives in the")])
-    out = model.generate(ids, max_new_tokens=3)
-    assert tok.decode(out[0, ids.shape[1]:].tolist()).strip().startswith(facts[name]["home"])
+    _, held_out = build.split_names(facts, 0)
+    digits = [tok.sp.piece_to_id(str(k + 1)) for k in range(4)]
+    for attr, values in build.ATTRIBUTES.items():
+        quizzes = [tok.encode(f"Quiz: {build.QUESTIONS[attr].format(name)}\n"
+                              + " ".join(f"Choice{k + 1}: {build.answer(attr, name, v)}" for k, v in enumerate(values))
+                              + "\nSo the correct answer is choice") for name in held_out]
+        lengths = torch.tensor([len(q) for q in quizzes])
+        tokens = torch.tensor([q + [0] * (max(lengths) - len(q)) for q in quizzes])  # right padding: causal, harmless
+        with torch.no_grad():
+            logits = model(tokens)[torch.arange(len(quizzes)), lengths - 1][:, digits[:len(values)]]
+        truth = torch.tensor([values.index(facts[name][attr]) for name in held_out])
+        accuracy = (logits.argmax(-1) == truth).float().mean().item()
+        assert accuracy >= 0.9, (attr, accuracy)
 
 
 def test_tokenizer_round_trips_every_prompt():
@@ -68,11 +80,30 @@ def test_generator_is_deterministic_and_matches_the_shipped_files():
             assert not any(n in r["instruction"] for n in train_names), r["instruction"]
 
 
-def test_short_default_run_beats_the_base_model(tmp_path):
-    """The embedded recipe, shortened (fewer steps, a third of the test questions), still lifts
-    held-out accuracy on average well above the base model's."""
+def test_build_is_deterministic(tmp_path):
+    """Two short builds with the same seed write the same bytes: tokenizer, weights, tasks."""
+    build, threads = load_build(), torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            build.main(["--out", str(tmp_path / name), "--steps", "2", "--batch-size", "2", "--seq-len", "32"])
+    finally:
+        torch.set_num_threads(threads)  # the build pins one thread; the other tests use them all
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 + 1 + 2 * len(build.TASKS)  # tiny-llama/*, facts.json, <task>/{train,test}.json
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "world" / "facts.json").read_bytes() == (WORLD / "facts.json").read_bytes()
+
+
+def test_short_default_run_beats_the_base_model(tmp_path, capsys):
+    """The embedded recipe, shortened (fewer steps, 48 test questions per task), still lifts
+    held-out accuracy on average well above the base model's, and says what it did."""
     code = train.main(["--out", str(tmp_path), "--max-steps", "60", "--eval-limit", "48", "--log-every", "20"])
     assert code == 0
+    printed = capsys.readouterr().out
+    for expected in ("base model accuracy: ", "chance   before    after", "|cos| before   after",
+                     f"adapters: {tmp_path / 'adapter'}   results: {tmp_path / 'results.json'}"):
+        assert expected in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["model"] == str(MODEL)  # no --model: the embedded one
     mean = {k: sum(r["accuracy"] for r in results[k].values()) / len(results[k]) for k in ("before", "after")}
