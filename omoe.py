@@ -45,9 +45,10 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "
 # The ridge. B starts at zero, so every expert output is 0 at step 0 and normalising it is 0/0.
 # Both implementations add `ridge` to the diagonal of the per-token Gram matrix (fast path), which is
 # exactly Gram–Schmidt on the experts augmented with private coordinates [e_k ; sqrt(ridge)·u_k],
-# the extra coordinates dropped afterwards (reference path); so the two agree to rounding, and an
-# "orthonormal" output has length |r_k| / sqrt(|r_k|² + ridge) (r_k: e_k's residual): ~1 once
-# |r_k|² >> ridge, and a smooth ramp from 0 below that.
+# the extra coordinates dropped afterwards (reference path); so the two agree to rounding. The first
+# active expert's "orthonormal" output has length |e_k| / sqrt(|e_k|² + ridge): ~1 once |e_k|² >> ridge,
+# a smooth ramp from 0 below that; later experts follow a similar ramp (their residuals also carry
+# the projections of the earlier experts' private coordinates).
 # - RIDGE_ABS: at B = 0, R = sqrt(ridge)·I and c = g / sqrt(ridge), so the output is exactly the base
 #   output and B_i's gradient is g_i / sqrt(RIDGE_ABS) = 100·g_i times plain LoRA's ("orthogonal":
 #   g_i times, as in vanilla MoE-LoRA). A normalised output's gradient scales as 1/|e|, and |e| ≈ 0.01

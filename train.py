@@ -262,13 +262,14 @@ def print_diversity(stats: dict) -> None:
     blocks: dict[str, dict] = {}
     for name, s in stats.items():  # "layers.3.mlp.up_proj" -> block "3"
         blocks.setdefault(name.split(".")[1] if name.startswith("layers.") else name, {})[name] = s
-    print("\nexperts at the last logged step, mean over each block's adapted layers; |cos| is the mean |cosine|"
-          "\nbetween two experts' outputs for one token, before and after Gram-Schmidt (0 = orthogonal):")
-    print(f"{'block':<8}{'router load per expert':<28}{'|cos| before':>13}{'after':>8}")
+    print("\nexperts at the last logged step, mean over each block's adapted layers: the router's mean gate and"
+          "\nthe share of tokens sent to each expert; |cos| is the mean |cosine| between two experts' outputs"
+          "\nfor one token, before and after Gram-Schmidt (0 = orthogonal):")
+    print(f"{'block':<8}{'gate per expert':<20}{'tokens per expert':<20}{'|cos| before':>13}{'after':>8}")
     for block, layers in blocks.items():
         s = layer_summary(layers)
-        load = " ".join(f"{x:.2f}" for x in s["load"])
-        print(f"{block:<8}{load:<28}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
+        gate, load = (" ".join(f"{x:.2f}" for x in s[k]) for k in ("prob", "load"))
+        print(f"{block:<8}{gate:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
 
 
 def rounded(xs: list) -> list:
