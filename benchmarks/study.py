@@ -265,16 +265,17 @@ def figure(study: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -r requirements-dev.txt): no figure")
         return
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(8.4, 3.8))
     for name, m in study["methods"].items():
         if m["cos_before"]:
             blocks = sorted(m["cos_before"], key=int)
             ax.plot([int(b) for b in blocks], [m["cos_before"][b] for b in blocks], marker="o", label=name,
                     linestyle="--" if "MoE-LoRA" in name else "-")
+    ax.set_xticks(range(len(next(m for m in study["methods"].values() if m["cos_before"])["cos_before"])))
     ax.set_xlabel("block (layer) of the tiny LLaMA")
     ax.set_ylabel("mean |cos| between experts' outputs")
     ax.set_title("Expert similarity before Gram–Schmidt, after fine-tuning")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot, not over the lines
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"figure: {path}")
