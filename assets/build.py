@@ -4,7 +4,7 @@ and six fine-tuning tasks about it in the LLM-Adapters format.
     python assets/build.py            # from the repository root; rewrites assets/tiny-llama and assets/world
 
 Everything follows from one seed (--seed, default 0): the world, the text, the tokenizer, the model.
-On one CPU thread the build takes about 10 minutes, almost all of it pretraining (3000 steps).
+On one CPU thread the build took 13 minutes on a shared 2-core machine, almost all of it pretraining (3000 steps).
 
 The world: 256 creatures with made-up names, each with six facts (whether it swims, its home, food,
 colour, waking hours and job). The pretraining text states the facts in plain sentences, asks and
