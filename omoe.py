@@ -389,6 +389,21 @@ class DiagnosticsRecorder:
         return out
 
 
+def mean_diagnostics(stats: dict[str, dict]) -> dict:
+    """DiagnosticsRecorder.summary() -> the means over its layers of prob, load, cos_before, cos_after."""
+    rows = list(stats.values())
+    return {k: torch.tensor([r[k] for r in rows]).mean(0).tolist() for k in ("prob", "load", "cos_before",
+                                                                           "cos_after")} if rows else {}
+
+
+def diagnostics_by_block(stats: dict[str, dict]) -> dict[str, dict]:
+    """DiagnosticsRecorder.summary() -> {block: mean_diagnostics of its layers}; "layers.3.mlp.up_proj" is in "3"."""
+    blocks: dict[str, dict] = {}
+    for name, s in stats.items():
+        blocks.setdefault(name.split(".")[1] if name.startswith("layers.") else name, {})[name] = s
+    return {block: mean_diagnostics(layers) for block, layers in blocks.items()}
+
+
 @contextmanager
 def record_diagnostics(model: nn.Module):
     """with record_diagnostics(model) as rec: model(tokens); rec.summary(). Costs nothing outside the block."""

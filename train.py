@@ -250,30 +250,15 @@ def print_table(before: dict | None, after: dict) -> None:
         print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{b}{r['accuracy']:9.3f}{extra}")
 
 
-def layer_summary(stats: dict) -> dict:
-    """Per-layer diagnostics -> their means over the routed layers (none for plain LoRA)."""
-    rows = list(stats.values())
-    keys = ("prob", "load", "cos_before", "cos_after")
-    return {k: torch.tensor([r[k] for r in rows]).mean(0).tolist() for k in keys} if rows else {}
-
-
 def print_diversity(stats: dict) -> None:
     """The router and expert-diversity diagnostics of the last logged step, one row per block."""
-    blocks: dict[str, dict] = {}
-    for name, s in stats.items():  # "layers.3.mlp.up_proj" -> block "3"
-        blocks.setdefault(name.split(".")[1] if name.startswith("layers.") else name, {})[name] = s
     print("\nexperts at the last logged step, mean over each block's adapted layers: the router's mean gate and"
           "\nthe share of tokens sent to each expert; |cos| is the mean |cosine| between two experts' outputs"
           "\nfor one token, before and after Gram-Schmidt (0 = orthogonal):")
     print(f"{'block':<8}{'gate per expert':<20}{'tokens per expert':<20}{'|cos| before':>13}{'after':>8}")
-    for block, layers in blocks.items():
-        s = layer_summary(layers)
+    for block, s in omoe.diagnostics_by_block(stats).items():
         gate, load = (" ".join(f"{x:.2f}" for x in s[k]) for k in ("prob", "load"))
         print(f"{block:<8}{gate:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
-
-
-def rounded(xs: list) -> list:
-    return [round(x, 3) for x in xs]
 
 
 def append_log(out: Path, entry: dict) -> None:
@@ -431,10 +416,11 @@ def run(args) -> int:
             entry = {"step": done, "loss": loss_acc / loss_n, "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": tokens_seen * world / elapsed,  # from this process's share
                      "experts": recorder.summary() if recorder is not None else {}}
-            summary = layer_summary(entry["experts"])
+            s = omoe.mean_diagnostics(entry["experts"])
             bar.write(f"step {done}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, {entry['tokens_per_s']:.0f} tok/s"
-                      + (f", router p {rounded(summary['prob'])} load {rounded(summary['load'])}, expert |cos| before "
-                         f"Gram-Schmidt {summary['cos_before']:.3f} after {summary['cos_after']:.3f}" if summary else ""))
+                      + (f", router p {[round(x, 3) for x in s['prob']]} load {[round(x, 3) for x in s['load']]}, "
+                         f"expert |cos| before Gram-Schmidt {s['cos_before']:.3f} after {s['cos_after']:.3f}"
+                         if s else ""))
             append_log(out, entry)
             last_stats = entry["experts"]
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0

@@ -89,13 +89,7 @@ def run(flags: list[str], out: Path, log) -> dict:
 def last_diagnostics(out: Path) -> dict:
     """Per block: mean |cos| before Gram-Schmidt and router load, from the run's last logged step."""
     entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    layers = [e for e in entries if "experts" in e][-1]["experts"]
-    blocks: dict[int, list] = {}
-    for name, s in layers.items():
-        blocks.setdefault(int(name.split(".")[1]), []).append(s)
-    return {b: {"cos_before": statistics.mean(s["cos_before"] for s in rows),
-                "load": [statistics.mean(s["load"][i] for s in rows) for i in range(len(rows[0]["load"]))]}
-            for b, rows in sorted(blocks.items())}
+    return omoe.diagnostics_by_block([e for e in entries if "experts" in e][-1]["experts"])
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -184,7 +178,7 @@ def summarise(runs: list[dict], outs: list[Path]) -> dict:
     tasks = list(runs[0]["after"])
     avg = [statistics.mean(r["after"][t]["accuracy"] for t in tasks) for r in runs]
     diag = [last_diagnostics(o) for o in outs] if runs[0]["config"]["experts"] > 1 else []
-    blocks = sorted(diag[0]) if diag and diag[0] else []
+    blocks = sorted(diag[0], key=int) if diag and diag[0] else []
     return {
         "trainable": runs[0]["trainable_params"],
         "avg": avg,
