@@ -10,6 +10,7 @@ H query heads, K key/value heads, hd head_dim, F hidden_dim of the MLP, V vocab_
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from weights import CheckpointError, open_weights
+from weights import CheckpointError, open_weights, resolve_hf_cache
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ModelArgs:
     rope_theta: float = 10000.0  # base of the rotary frequencies
     max_seq_len: int = 2048  # max_position_embeddings: the longest context generate() will build
     tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares embed_tokens' weight
+    rope_scaling: dict | None = None  # None = plain RoPE, else {"rope_type": "linear" | "dynamic" | "llama3", ...}
+    sliding_window: int | None = None  # Mistral: each token attends to itself and the window - 1 before it
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
@@ -47,20 +50,17 @@ class ModelArgs:
         """Read a Hugging Face LLaMA config.json dict; refuse what this model does not implement."""
         if d.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"model_type={d['model_type']!r} is not supported (only 'llama' and 'mistral')")
-        if d.get("sliding_window") is not None:
-            raise ValueError(f"sliding_window={d['sliding_window']!r} is not supported (only full attention)")
+        if d.get("sliding_window") is not None and d.get("model_type", "llama") != "mistral":
+            raise ValueError(f"sliding_window={d['sliding_window']!r} with model_type={d.get('model_type', 'llama')!r}: "
+                             f"transformers' LLaMA ignores it, only 'mistral' has a sliding window")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
                 raise ValueError(f"{key}={d[key]!r} is not supported (the projections have no bias)")
         # Older configs: top-level rope_theta and an optional rope_scaling dict.
-        # transformers >= 5: rope_parameters = {"rope_theta": ..., "rope_type": "default"}.
+        # transformers >= 5: rope_parameters = {"rope_theta": ..., "rope_type": "default" or a scaling, ...}.
         rope = d.get("rope_parameters") or {}
-        for key, value in (("rope_scaling", d.get("rope_scaling")), ("rope_parameters", rope)):
-            kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
-            if kind != "default":
-                raise ValueError(f"{key} of type {kind!r} is not supported (only plain RoPE)")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                                "intermediate_size") if k not in d]
         if missing:
@@ -78,7 +78,30 @@ class ModelArgs:
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             max_seq_len=d.get("max_position_embeddings", 2048),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            rope_scaling=_rope_scaling(d),
+            sliding_window=d.get("sliding_window"),
         )
+
+
+# The parameters each RoPE scaling reads (see rope_inv_freq for what they do).
+ROPE_SCALING = {"linear": ("factor",), "dynamic": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(d: dict) -> dict | None:
+    """The RoPE scaling of a config.json in either layout -> {"rope_type": ..., its parameters} or None."""
+    for key in ("rope_parameters", "rope_scaling"):
+        value = d.get(key) or {}
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind == "default":
+            continue
+        if kind not in ROPE_SCALING:
+            raise ValueError(f"{key} of type {kind!r} is not supported (only default, {', '.join(ROPE_SCALING)})")
+        missing = [k for k in ROPE_SCALING[kind] if k not in value]
+        if missing:
+            raise ValueError(f"{key} of type {kind!r} has no {', '.join(missing)}")
+        return {"rope_type": kind, **{k: value[k] for k in ROPE_SCALING[kind]}}
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -107,14 +130,58 @@ class RMSNorm(nn.Module):
 # │ has valid shapes (the per-head size is derived from the row count) but cuts k into the  │
 # │ wrong heads, and the model silently produces nonsense.                                  │
 # └─────────────────────────────────────────────────────────────────────────────────────────┘
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+# ┌─ RoPE scaling: longer contexts from the same weights ───────────────────────────────────┐
+# │ Plain RoPE turns pair i by pos * inv_freq_i, inv_freq_i = theta^(-2i/hd): fast pairs    │
+# │ (small i) resolve nearby tokens, slow ones, whose wavelength 2π/inv_freq spans the whole │
+# │ context, place tokens far apart. The scalings change these frequencies, never the      │
+# │ rotation itself:                                                                        │
+# │ linear   every inv_freq_i / factor: position p turns like p / factor did in training,   │
+# │          so factor times more positions fit into the angles the model knows.            │
+# │ dynamic  (NTK-aware) unchanged up to L = max_position_embeddings; when the longest      │
+# │          position of a forward call n exceeds L, theta grows to                        │
+# │          theta * (factor * n / L - (factor - 1)) ** (hd / (hd - 2)): the fast pairs     │
+# │          barely move, the slowest stretch by about factor * n / L. Like transformers,   │
+# │          computed per call, so keys in a KV cache keep the angles they were stored with. │
+# │ llama3   by wavelength, against L0 = original_max_position_embeddings: pairs shorter   │
+# │          than L0 / high_freq_factor are unchanged, longer than L0 / low_freq_factor are │
+# │          divided by factor (as linear), those in between blend the two smoothly.        │
+# └─────────────────────────────────────────────────────────────────────────────────────────┘
+def rope_inv_freq(args: ModelArgs, seq_len: int, device) -> torch.Tensor:
+    """The rotation frequencies (hd/2,) float32 for a forward call whose positions are < seq_len.
+
+    The float32 arithmetic follows transformers' step by step, so that angles at large positions
+    (where an ulp of inv_freq times 10^5 is visible) are the same.
+    """
+    hd, theta = args.head_dim, args.rope_theta
+    scaling = args.rope_scaling or {"rope_type": "default"}
+    kind = scaling["rope_type"]
+    if kind == "dynamic" and seq_len > args.max_seq_len:
+        n, factor = torch.tensor(seq_len, device=device), scaling["factor"]
+        theta = theta * ((factor * n / args.max_seq_len) - (factor - 1)) ** (hd / (hd - 2))  # float32 tensor
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, L0 = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > L0 / low, inv_freq / factor, inv_freq)
+        smooth = (L0 / wavelen - low) / (high - low)  # 0 at wavelength L0 / low, 1 at L0 / high
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < L0 / high) * ~(wavelen > L0 / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions, args: ModelArgs, dtype):
     """Angles for integer positions (B, T) or (1, T) -> cos, sin of shape (B, 1, T, hd).
 
     Computed in float32 on every call rather than kept in a buffer: a buffer would be garbage
     after `to_empty` and would be rounded by `model.to(torch.bfloat16)`, which at position
     1000 turns the angle into noise.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    seq_len = int(positions.max()) + 1 if args.rope_scaling and args.rope_scaling["rope_type"] == "dynamic" else 0
+    inv_freq = rope_inv_freq(args, seq_len, positions.device)  # (hd/2,)
     angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): the same angle for x_i and x_{i+hd/2}
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -210,10 +277,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, D)
 
 
-def attention_allowed(mask, start: int, T: int):
+def attention_allowed(mask, start: int, T: int, window: int | None = None):
     """Padding mask (B, S) of the whole sequence -> (B, 1, T, S) bool for queries start..start+T-1.
 
-    Query t may attend to key s if s is a real token at or before it (causal + padding).
+    Query t may attend to key s if s is a real token at or before it (causal + padding) and, with
+    a sliding window, fewer than `window` real tokens before it (so itself and the window - 1
+    before: transformers' `kv_idx > q_idx - sliding_window`, counted in real tokens so that a
+    padded row sees exactly what the sequence alone would).
     A padding query of a left-padded row has no real key at or before it, and depending on the
     kernel a softmax over an empty set is NaN, which the next layer would spread: a masked
     value still enters the sum as 0 * NaN = NaN. So every query may also attend to itself;
@@ -223,6 +293,9 @@ def attention_allowed(mask, start: int, T: int):
     q_pos = torch.arange(start, start + T, device=mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=mask.device)[None, :]  # (1, S)
     allowed = (k_pos <= q_pos) & mask[:, None, :].bool()  # (B, T, S)
+    if window is not None:
+        real = mask.long().cumsum(-1)  # (B, S): real tokens up to and including each position
+        allowed &= real[:, start:start + T, None] - real[:, None, :] < window  # (B, T, S)
     return (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
 
 
@@ -251,7 +324,8 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
-        if attention_mask is None and cache is None:
+        window = self.args.sliding_window
+        if attention_mask is None and cache is None and (window is None or T <= window):
             positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
             allowed = None  # plain causal attention: SDPA's fastest path
         else:
@@ -261,9 +335,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                                  f"expected {(B, start + T)}")
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-            allowed = attention_allowed(attention_mask, start, T)  # (B, 1, T, S)
+            allowed = attention_allowed(attention_mask, start, T, window)  # (B, 1, T, S)
         x = self.embed_tokens(tokens)  # (B, T, D)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.args, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, allowed, cache, use_reentrant=False)
@@ -275,21 +349,27 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 eos_id: int | None = None, use_cache: bool = True):
+                 eos_id: int | Iterable[int] | None = None, use_cache: bool = True):
         """Extend each row of tokens (B, T) by up to max_new_tokens -> (B, T + n).
 
         Greedy (argmax) at temperature 0, else sampling from softmax(logits / temperature).
         Rows of different lengths are left-padded (attention_mask 0 on the left), so that every
-        row's new tokens follow its last real token. A row that has produced eos_id is filled
-        with eos_id after it; generation stops once every row has. With use_cache=False the
-        whole sequence is re-run for each new token (same tokens, more work; see KVCache).
+        row's new tokens follow its last real token. eos_id is one stop id or several (Llama-3
+        instruct ends a turn with any of three): a row that has produced one repeats it from
+        then on; generation stops once every row has. With use_cache=False the whole sequence
+        is re-run for each new token (same tokens, more work; see KVCache; with dynamic RoPE
+        past max_position_embeddings the two differ as they do in transformers, since cached
+        keys keep their angles).
         """
         B, T = tokens.shape
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         if not mask[:, -1].all():
             raise ValueError("generate needs left padding: attention_mask must be 1 in the last column")
-        if T + max_new_tokens > self.args.max_seq_len:
+        dynamic = (self.args.rope_scaling or {}).get("rope_type") == "dynamic"  # made to run past max_seq_len
+        if T + max_new_tokens > self.args.max_seq_len and not dynamic:
             raise ValueError(f"{T} + {max_new_tokens} new tokens exceed max_seq_len={self.args.max_seq_len}")
+        stop = None if eos_id is None else torch.tensor(
+            [eos_id] if isinstance(eos_id, int) else sorted(eos_id), device=tokens.device)  # (n_stop,)
         weight = self.embed_tokens.weight
         cache = KVCache(self.args, B, T + max_new_tokens, weight.dtype, weight.device) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
@@ -301,9 +381,9 @@ class Transformer(nn.Module):
                 next_token = logits.argmax(-1)  # (B,)
             else:
                 next_token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]  # (B,)
-            if eos_id is not None:
-                next_token = torch.where(done, eos_id, next_token)
-                done |= next_token == eos_id
+            if stop is not None:
+                next_token = torch.where(done, tokens[:, -1], next_token)  # a finished row repeats its stop id
+                done |= torch.isin(next_token, stop)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + step)
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             if done.all():
@@ -321,17 +401,8 @@ class Transformer(nn.Module):
         copy of the weights. Every parameter must come from the checkpoint: a missing,
         unexpected or wrongly shaped tensor is an error, never a partial load.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
-                                    f"directory with config.json and model weights)")
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path}: no config.json in this directory")
-        try:
-            args = ModelArgs.from_hf_config(json.loads(config_file.read_text()))
-        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{config_file}: {e}") from None
+        path = resolve_hf_cache(path)
+        args = read_config(path)
 
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -366,6 +437,21 @@ class Transformer(nn.Module):
             for name in sorted(needed, key=lambda n: ours[n].numel(), reverse=True):
                 reader.copy_into(file_name[name], ours[name])
         return model.eval()
+
+
+def read_config(path) -> ModelArgs:
+    """The ModelArgs of a Hugging Face model directory's config.json; errors name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
+                                f"directory with config.json and model weights)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in this directory")
+    try:
+        return ModelArgs.from_hf_config(json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file}: {e}") from None
 
 
 def _names(names: list[str], limit: int = 8) -> str:

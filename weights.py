@@ -264,6 +264,28 @@ def read_safetensors_metadata(path) -> dict[str, str]:
 
 # ── Hugging Face model directories ─────────────────────────────────────────────────────────────
 
+def resolve_hf_cache(path) -> Path:
+    """A Hugging Face cache folder (.../models--org--name, as a download leaves it) -> the snapshot it
+    points at; any other path is returned as it is.
+
+    The cache keeps each downloaded revision under snapshots/<commit>/ and the commit of the branch
+    last downloaded in refs/main; a folder with no refs/main but a single snapshot uses that one."""
+    path = Path(path)
+    if not (path.name.startswith("models--") and (path / "snapshots").is_dir()):
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file():
+        snapshot = path / "snapshots" / ref.read_text().strip()
+        if not snapshot.is_dir():
+            raise CheckpointError(f"{ref}: names snapshot {snapshot.name!r}, which is not in {path / 'snapshots'}")
+        return snapshot
+    snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+    if len(snapshots) != 1:
+        raise CheckpointError(f"{path}: no refs/main and {len(snapshots)} snapshots; give one of "
+                              f"{path / 'snapshots'}/<commit> as the model directory")
+    return snapshots[0]
+
+
 def find_weight_files(directory) -> list[Path]:
     """The weight files of a Hugging Face model directory: a single file, or the shards its
     index lists (each checked to exist), looking for WEIGHT_FILES in that order."""

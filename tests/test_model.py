@@ -244,12 +244,15 @@ def test_config_both_rope_layouts_and_defaults():
 @pytest.mark.parametrize("overrides, named", [
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "rope_scaling of type 'llama3' has no low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+    ({"rope_scaling": {"type": "dynamic"}}, "rope_scaling of type 'dynamic' has no factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_parameters of type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_scaling of type 'longrope' is not supported"),
     ({"model_type": "gpt2"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
+    ({"sliding_window": 4096}, "sliding_window=4096 with model_type='llama'"),
     ({"hidden_size": DROP}, "hidden_size"),
 ])
 def test_config_refuses_what_the_model_does_not_implement(overrides, named):
@@ -315,3 +318,152 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight: "
                                               r"checkpoint \(160, 64\) vs config \(128, 64\)"):
         Transformer.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- the families people fine-tune
+
+# Every key of each family's config.json as shipped on the Hub (the old layout: top-level rope_theta,
+# rope_scaling), with the sizes shrunk: hidden_size, intermediate_size, num_hidden_layers, heads,
+# vocab_size, and for the scaled LLaMA-2s max_position_embeddings and Mistral's sliding_window, so
+# that the test sequences run past them. Everything else is the real value.
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 128, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 256}
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 160, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 1,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 256}
+MISTRAL_7B_V0_1 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 160, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 16, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 256}
+VICUNA_7B_V1_5_16K = {  # linear scaling, factor 4
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 160, "max_position_embeddings": 32,
+    "max_sequence_length": 128, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
+    "num_key_value_heads": 4, "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 4.0, "type": "linear"}, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 256}
+LLAMA_2_DYNAMIC = {**VICUNA_7B_V1_5_16K, "rope_scaling": {"factor": 2.0, "type": "dynamic"}}
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 48, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 128, "is_llama_config": True, "max_position_embeddings": 8192, "model_type": "llama",
+    "num_attention_heads": 3, "num_hidden_layers": 2, "num_key_value_heads": 1, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+    "vocab_size": 256}
+FAMILIES = {"llama-3.2-1b": (LLAMA_3_2_1B, 300), "llama-3.1-8b": (LLAMA_3_1_8B, 300),
+            "mistral-7b-v0.1": (MISTRAL_7B_V0_1, 40), "vicuna-16k-linear": (VICUNA_7B_V1_5_16K, 80),
+            "llama-2-dynamic": (LLAMA_2_DYNAMIC, 80), "smollm2-135m": (SMOLLM2_135M, 40)}  # config, test length
+
+
+def family_checkpoint(directory, config, layout):
+    """A random transformers model of this config, saved; config.json as shipped ("hub": the old layout)
+    or as transformers >= 5 rewrites it ("transformers": rope_parameters)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+    hf.save_pretrained(directory)
+    if layout == "hub":
+        (directory / "config.json").write_text(json.dumps(config))
+    else:
+        assert "rope_parameters" in json.loads((directory / "config.json").read_text())
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_logits_match_transformers(tmp_path, family, layout):
+    config, T = FAMILIES[family]
+    hf = family_checkpoint(tmp_path, config, layout)
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.args.sliding_window == config.get("sliding_window")
+    scaling = config.get("rope_scaling") or {}
+    assert (model.args.rope_scaling or {}).get("rope_type") == scaling.get("rope_type", scaling.get("type"))
+    x = tokens(B=2, T=T)
+    mask = torch.ones_like(x)
+    mask[1, :T // 3] = 0  # row 1 left-padded: scaling and window count real tokens, as transformers' positions do
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+        alone = hf(x[1:, T // 3:]).logits[0]
+        torch.testing.assert_close(model(x, mask)[1, T // 3:], alone, atol=1e-4, rtol=0)
+    if family != "smollm2-135m":  # the scaling or the window must matter at this length:
+        plain = {k: v for k, v in config.items() if k not in ("rope_scaling", "sliding_window")}
+        with torch.no_grad():
+            unscaled = Transformer(ModelArgs.from_hf_config(plain))
+            unscaled.load_state_dict(model.state_dict())
+            assert (unscaled(x) - model(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family, prompt_len, new", [
+    ("mistral-7b-v0.1", 10, 30),  # 40 tokens through a window of 16
+    ("llama-2-dynamic", 20, 30),  # past max_position_embeddings=32: frequencies change at every step
+    ("llama-3.2-1b", 10, 20),
+    ("smollm2-135m", 10, 20),
+])
+def test_families_greedy_generation_matches_transformers(tmp_path, family, prompt_len, new):
+    config, _ = FAMILIES[family]
+    hf = family_checkpoint(tmp_path, config, "hub")
+    model = Transformer.from_pretrained(tmp_path)
+    prompt = tokens(B=1, T=prompt_len, seed=5)
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert expected.shape == (1, prompt_len + new)
+    assert torch.equal(model.generate(prompt, max_new_tokens=new), expected)
+    if family == "mistral-7b-v0.1":  # the window also holds for the re-run path
+        assert torch.equal(model.generate(prompt, max_new_tokens=new, use_cache=False), expected)
+
+
+def test_sliding_window_with_padding_and_cache():
+    model = small_model(sliding_window=4)
+    rows, batch, mask = padded_batch([10, 4, 7], "left")
+    logits = model(batch, attention_mask=mask)
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            torch.testing.assert_close(logits[i][mask[i].bool()], model(row[None])[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        cache = KVCache(model.args, 3, 10, torch.float32, "cpu")
+        steps = [model(batch[:, :5], mask[:, :5], cache=cache)]
+        steps += [model(batch[:, t:t + 1], mask[:, :t + 1], cache=cache) for t in range(5, 10)]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], logits[real], atol=1e-5, rtol=0)
+    # The window of 4 real tokens: query 9 of row 1 (real tokens 6..9) sees keys 6..9 only.
+    allowed = attention_allowed(mask, 0, 10, window=4)[1, 0, 9]
+    assert allowed.nonzero().flatten().tolist() == [6, 7, 8, 9]
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(model.generate(batch, attention_mask=mask, max_new_tokens=8, use_cache=False), out)
+    for i, row in enumerate(rows):
+        assert torch.equal(model.generate(row[None], max_new_tokens=8)[0, len(row):], out[i, 10:])
+
+
+def test_generate_stops_at_any_of_several_eos_ids():
+    model = small_model()
+    prompts = tokens(B=2, T=5, seed=3)
+    free = model.generate(prompts, max_new_tokens=10)
+    stops = {int(free[0, 7]), int(free[1, 6])}  # each row's third / second new token
+    out = model.generate(prompts, max_new_tokens=10, eos_id=stops)
+    for row, free_row in zip(out, free):
+        first = next(i for i in range(5, 15) if int(free_row[i]) in stops)
+        assert torch.equal(row[:first + 1], free_row[:first + 1]) and (row[first:] == row[first]).all()
+    assert out.shape[1] == 5 + max(next(i for i in range(10) if int(r[5 + i]) in stops) for r in free) + 1
