@@ -1,6 +1,6 @@
-"""Text in, tensors out: the LLaMA tokenizer, commonsense data, training batches and evaluation.
+"""Text in, tensors out: commonsense data, training batches and evaluation (the tokenizer is tokenizer.py).
 
-Reading order: Tokenizer -> loading LLM-Adapters JSON -> the prompt template -> training examples
+Reading order: loading LLM-Adapters JSON -> the prompt template -> training examples
 and batches -> evaluation (likelihood scoring and generation).
 
 Legend: B = batch, T = sequence length, V = vocabulary, N = scored (response) positions in a batch.
@@ -13,50 +13,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
+
+from tokenizer import Tokenizer, check_tokenizer_fits  # noqa: F401  (data.Tokenizer is the tokenizer)
 
 
 class DataError(ValueError):
-    """Bad data or tokenizer files. The message is one line naming the file (and record, and field)."""
-
-
-# ── Tokenizer ──────────────────────────────────────────────────────────────────────────────────
-
-class Tokenizer:
-    """LLaMA's sentencepiece tokenizer, used exactly as Meta's reference code uses it.
-
-    encode is plain sentencepiece `encode` with BOS prepended: the ids LLaMA was trained on,
-    including its handling of leading spaces, runs of whitespace, newlines, digits (split one
-    by one) and byte fallback. NOTE: recent `transformers` releases tokenize LLaMA differently
-    around leading spaces and whitespace runs (their "legacy=False" handling), so their ids can
-    differ from these; the model was trained on these.
-
-    LLaMA has no padding token. Batches are padded with `pad_id` = the unknown token (id 0), as
-    alpaca-lora and LLM-Adapters do; padded positions are masked out of attention and of the
-    loss, so the id never matters, it only has to be a valid embedding row. (Padding with EOS
-    would work as well, but would make "is this EOS real?" depend on the mask everywhere.)
-    """
-
-    def __init__(self, path):
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: tokenizer model not found (a sentencepiece tokenizer.model is expected)")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(str(path))
-        except (OSError, RuntimeError) as e:
-            raise DataError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
-        self.vocab_size = self.sp.vocab_size()
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        """Ids -> text; BOS, EOS and the padding id are control tokens and decode to nothing."""
-        return self.sp.decode([int(i) for i in ids])
+    """Bad data files. The message is one line naming the file (and record, and field)."""
 
 
 # ── Loading LLM-Adapters JSON ──────────────────────────────────────────────────────────────────
@@ -165,7 +128,8 @@ def prompt(ex: Example) -> str:
 
 
 def encode_pair(tok: Tokenizer, prompt_text: str, response: str) -> tuple[list[int], int]:
-    """BOS + prompt + response + EOS as one sequence, and the index where the response starts.
+    """BOS (if the model uses one) + prompt + response + EOS as one sequence, and the index where the
+    response starts.
 
     The text is encoded in one piece, as the model reads it at generation time; the response
     starts where that encoding stops agreeing with the prompt's own. If sentencepiece merges
@@ -200,12 +164,12 @@ def encode_for_training(tok: Tokenizer, examples: list[Example], cutoff_len: int
     items, truncated, dropped = [], 0, 0
     for ex in examples:
         ids, start = encode_pair(tok, prompt(ex), ex.output)
-        excess = len(ids) - cutoff_len
+        excess, bos = len(ids) - cutoff_len, int(tok.add_bos)  # bos: 1 if ids start with BOS, else 0
         if excess > 0:
-            if excess >= start - 1:  # the prompt after BOS has start - 1 tokens; keep at least one
+            if excess >= start - bos:  # the prompt after BOS has start - bos tokens; keep at least one
                 dropped += 1
                 continue
-            ids, start = ids[:1] + ids[1 + excess:], start - excess
+            ids, start = ids[:bos] + ids[bos + excess:], start - excess
             truncated += 1
         labels = [-100] + ids[1:] if train_on_prompt else [-100] * start + ids[start:]
         items.append({"input_ids": ids, "labels": labels})
@@ -324,7 +288,7 @@ def score_candidates(model, tok: Tokenizer, examples: list[Example], batch_size:
 @torch.no_grad()
 def generate_answers(model, tok: Tokenizer, examples: list[Example], batch_size: int = 16,
                      max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of the prompts (left-padded batches), decoded up to the first EOS.
+    """Greedy continuations of the prompts (left-padded batches), decoded up to the first stop id.
 
     The original scripts decode with 4-beam search; greedy is the deterministic, cheaper choice."""
     texts, device = [], _device(model)
@@ -334,9 +298,10 @@ def generate_answers(model, tok: Tokenizer, examples: list[Example], batch_size:
         tokens = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts])    # (B, T), left-padded
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])    # (B, T)
         out = model.generate(tokens.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                             temperature=0.0, eos_id=tok.eos_id)                     # (B, T + n)
+                             temperature=0.0, eos_id=tok.stop_ids)                   # (B, T + n)
         for row in out[:, T:].tolist():
-            texts.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+            end = next((i for i, t in enumerate(row) if t in tok.stop_ids), len(row))  # the first stop id
+            texts.append(tok.decode(row[:end]))
     return texts
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import data
 import omoe
-from model import Transformer
+from model import Transformer, read_config
+from weights import resolve_hf_cache
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
 RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "orth",
@@ -60,7 +61,8 @@ def parse_args(argv=None):
             kw["default"] = argparse.SUPPRESS
             help += f" (default: {PAPER[key]} with --model, {EMBEDDED[key]} for the embedded model)"
         p.add_argument(flag, help=help, **kw)
-    a("--model", default=None, help="local Hugging Face LLaMA directory (config.json, weights, tokenizer.model); "
+    a("--model", default=None, help="local Hugging Face LLaMA directory (config.json, weights, tokenizer.model or "
+                                    "tokenizer.json) or its models--org--name cache folder; "
                                     "without it, the embedded tiny LLaMA of assets/tiny-llama")
     a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of <task>/train.json "
                                    "(without --model: the embedded tasks of assets/world)")
@@ -297,10 +299,11 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
 
     # ── data ──
-    model_dir = Path(args.model)
+    model_dir = resolve_hf_cache(args.model)  # a models--org--name cache folder -> its snapshot
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
-    tokenizer = data.Tokenizer(model_dir / "tokenizer.model")
+    tokenizer = data.Tokenizer(model_dir)  # its tokenizer.model, else its tokenizer.json
+    data.check_tokenizer_fits(tokenizer, read_config(model_dir).vocab_size, model_dir / "config.json")
     eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
     if eval_path is None and args.eval_only:
         raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")

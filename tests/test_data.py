@@ -12,6 +12,7 @@ import torch
 
 import data
 from data import DataError, Example, Tokenizer
+from tokenizer import TokenizerError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +73,10 @@ def test_tokenizer_byte_fallback_and_digits(tok):
 
 
 def test_tokenizer_errors_name_the_file(tmp_path):
-    with pytest.raises(DataError, match=r"missing\.model: tokenizer model not found"):
+    with pytest.raises(TokenizerError, match=r"missing\.model: tokenizer not found"):
         Tokenizer(tmp_path / "missing.model")
     (tmp_path / "junk.model").write_text("not a model")
-    with pytest.raises(DataError, match=r"junk\.model: not a sentencepiece model"):
+    with pytest.raises(TokenizerError, match=r"junk\.model: not a sentencepiece model"):
         Tokenizer(tmp_path / "junk.model")
 
 
@@ -333,7 +334,7 @@ class Canned(torch.nn.Module):
         self.tok, self.replies, self.dummy = tok, replies, torch.nn.Parameter(torch.zeros(()))
 
     def generate(self, tokens, attention_mask=None, max_new_tokens=32, temperature=0.0, eos_id=None):
-        assert attention_mask[:, -1].all() and temperature == 0.0 and eos_id == self.tok.eos_id
+        assert attention_mask[:, -1].all() and temperature == 0.0 and eos_id == self.tok.stop_ids == [2]
         rows = []
         for b in range(tokens.shape[0]):
             text = self.tok.decode(tokens[b][attention_mask[b].bool()])
@@ -341,7 +342,7 @@ class Canned(torch.nn.Module):
             after_eos = self.tok.encode("answer1", bos=False)  # must never be read
             rows.append((self.tok.encode(reply, bos=False, eos=True) + after_eos)[:max_new_tokens])
         n = max(map(len, rows))
-        return torch.cat([tokens, torch.tensor([r + [eos_id] * (n - len(r)) for r in rows])], dim=1)
+        return torch.cat([tokens, torch.tensor([r + eos_id * (n - len(r)) for r in rows])], dim=1)
 
 
 def test_generate_mode_extracts_first_label_and_counts_answers_without_one(tok):

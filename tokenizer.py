@@ -1,0 +1,166 @@
+"""Text <-> ids with the model's own tokenizer files: a sentencepiece tokenizer.model or a tokenizer.json,
+and the special tokens the model ships with.
+
+Reading order: Tokenizer -> finding the file and its special tokens -> the check that it fits the model.
+"""
+
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+
+from weights import resolve_hf_cache
+
+
+class TokenizerError(ValueError):
+    """Bad or missing tokenizer files. The message is one line naming the file (and key)."""
+
+
+class Tokenizer:
+    """The model's own tokenizer: a sentencepiece tokenizer.model (LLaMA-1/2, Mistral, TinyLlama) or a
+    tokenizer.json (Llama-3, SmolLM2, ...), given as the file or as the model directory.
+
+    A directory uses tokenizer.model when it is a sentencepiece model, else tokenizer.json, through
+    the `tokenizers` library these files are written for. Either way encode is the plain
+    encoding with the model's beginning-of-sequence prefix: the ids the model was trained on.
+    Sentencepiece is used exactly as Meta's reference code uses it: leading spaces, runs of
+    whitespace, newlines, digits (one by one) and byte fallback as LLaMA saw them. NOTE: recent
+    `transformers` releases tokenize LLaMA's tokenizer.model differently around leading spaces and
+    whitespace runs (their "legacy=False" handling), so their ids can differ from these; the model
+    was trained on these. A tokenizer.json encodes as transformers does, special tokens written
+    in the text (say "<|eot_id|>") included.
+
+    Special tokens come from the files the model ships: tokenizer_config.json and
+    special_tokens_map.json (bos/eos/pad/unk_token, add_bos_token), then the tokenizer itself,
+    then config.json and generation_config.json (bos/eos_token_id). `add_bos` is whether the
+    model expects a BOS (Llama-3 adds <|begin_of_text|>, SmolLM2 none); `eos_id` ends every
+    training response; `stop_ids` are all the ids that end generation (eos_id plus every
+    eos_token_id of config.json and generation_config.json: Llama-3 instruct has three).
+
+    Padding: LLaMA has no padding token. Batches are padded with `pad_id` = the pad token if
+    the model has one, else the unknown token (id 0 in LLaMA), as alpaca-lora and LLM-Adapters
+    do, else EOS (Llama-3 has neither); padded positions are masked out of attention and of the
+    loss, so the id never matters, it only has to be a valid embedding row. (Padding with EOS
+    everywhere would work as well, but would make "is this EOS real?" depend on the mask.)
+    """
+
+    def __init__(self, path):
+        path = resolve_hf_cache(path)
+        directory, self.file = (path, _tokenizer_file(path)) if path.is_dir() else (path.parent, path)
+        if not self.file.is_file():
+            raise TokenizerError(f"{path}: tokenizer not found (a sentencepiece tokenizer.model or a tokenizer.json "
+                            f"is expected)")
+        self.sp = self.tk = None
+        shipped = _special_tokens(directory)
+        if self.file.suffix == ".json":
+            self.tk = _load_tokenizer_json(self.file)
+            vocab = self.tk.get_vocab(with_added_tokens=True)
+            self.vocab_size = max(vocab.values()) + 1
+            found = {kind: vocab.get(token) for kind, token in shipped["tokens"].items()}
+            unknown = next((k for k, token in shipped["tokens"].items() if found[k] is None), None)
+            if unknown:
+                raise TokenizerError(f"{shipped['source'][unknown]}: {unknown}_token {shipped['tokens'][unknown]!r} "
+                                f"is not a token of {self.file}")
+            plain, full = (self.tk.encode("a", add_special_tokens=s).ids for s in (False, True))
+            prefix = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+            added_bos = prefix[0] if len(prefix) == 1 else None  # what the post-processor prepends
+            bos = found.get("bos", added_bos)
+            self.add_bos = shipped.get("add_bos", added_bos is not None) and bos is not None
+        else:
+            self.sp = spm.SentencePieceProcessor()
+            try:
+                self.sp.Load(str(self.file))
+            except (OSError, RuntimeError) as e:
+                raise TokenizerError(f"{self.file}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+            self.vocab_size = self.sp.vocab_size()
+            own = {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": self.sp.pad_id(), "unk": self.sp.unk_id()}
+            found = {kind: self.sp.piece_to_id(t) for kind, t in shipped["tokens"].items()}
+            found = {k: i for k, i in found.items() if i != self.sp.unk_id() or k == "unk"}
+            found = {**{k: i for k, i in own.items() if i >= 0}, **found}
+            bos = found.get("bos")
+            self.add_bos = shipped.get("add_bos", True) and bos is not None  # LLaMA's reference code adds BOS
+        self.bos_id = bos if bos is not None else shipped["ids"]["bos"]
+        eos = found.get("eos", shipped["ids"]["eos"][0] if shipped["ids"]["eos"] else None)
+        if eos is None:
+            raise TokenizerError(f"{self.file}: no end-of-sequence token (no eos_token in tokenizer_config.json or "
+                            f"special_tokens_map.json, no eos_token_id in config.json or generation_config.json)")
+        self.eos_id = eos
+        self.stop_ids = sorted({eos, *shipped["ids"]["eos"]})
+        self.pad_id = next(i for i in (found.get("pad"), found.get("unk"), eos) if i is not None)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Text -> ids; bos=True prepends the model's BOS if it uses one, eos=True appends eos_id."""
+        ids = self.sp.encode(text) if self.sp else self.tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        """Ids -> text; BOS, EOS, padding and other special tokens decode to nothing."""
+        ids = [int(i) for i in ids]
+        return self.sp.decode(ids) if self.sp else self.tk.decode(ids, skip_special_tokens=True)
+
+
+def _tokenizer_file(directory: Path) -> Path:
+    """tokenizer.model if it is a sentencepiece model (Llama-3's original/ one is tiktoken's), else tokenizer.json."""
+    sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
+    if sp_file.is_file() and not json_file.is_file():
+        return sp_file  # whatever it is: the error, if any, names it
+    try:
+        spm.SentencePieceProcessor(model_file=str(sp_file))
+        return sp_file
+    except (OSError, RuntimeError):
+        return json_file
+
+
+def _load_tokenizer_json(path: Path):
+    import tokenizers  # only tokenizer.json models need it
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise TokenizerError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def _special_tokens(directory: Path) -> dict:
+    """What the model's JSON files say: {"tokens": {kind: text}, "source": {kind: file},
+    "ids": {"bos": id or None, "eos": [ids]}, "add_bos": bool (if a file says)}."""
+    def read(name):
+        path = directory / name
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path}: cannot read ({e})") from None
+        if not isinstance(value, dict):
+            raise TokenizerError(f"{path}: expected a JSON object, found {type(value).__name__}")
+        return value
+
+    out = {"tokens": {}, "source": {}, "ids": {"bos": None, "eos": []}}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        d = read(name)
+        for kind in ("bos", "eos", "pad", "unk"):
+            token = d.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and kind not in out["tokens"]:
+                out["tokens"][kind], out["source"][kind] = token, directory / name
+        if isinstance(d.get("add_bos_token"), bool):
+            out.setdefault("add_bos", d["add_bos_token"])
+    for name in ("config.json", "generation_config.json"):
+        d = read(name)
+        eos = d.get("eos_token_id")
+        out["ids"]["eos"] += [i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
+        if isinstance(d.get("bos_token_id"), int) and out["ids"]["bos"] is None:
+            out["ids"]["bos"] = d["bos_token_id"]
+    return out
+
+
+def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, config_file) -> None:
+    """Before any work: every id the tokenizer can produce, and every special id, must be a row of the
+    model's embeddings. A larger model vocabulary (embeddings padded to a multiple of 64) is fine."""
+    if tok.vocab_size > vocab_size:
+        raise TokenizerError(f"{tok.file} has {tok.vocab_size} tokens but {config_file} has vocab_size {vocab_size}: "
+                        f"this tokenizer is not the model's")
+    special = {"bos": [tok.bos_id] if tok.add_bos else [], "eos": [tok.eos_id], "stop": tok.stop_ids,
+               "pad": [tok.pad_id]}
+    for kind, ids in special.items():
+        for i in ids:
+            if not 0 <= i < min(tok.vocab_size, vocab_size):
+                raise TokenizerError(f"{tok.file}: its {kind} id {i} is not a token ({tok.vocab_size} tokens; "
+                                f"{config_file} has vocab_size {vocab_size})")
