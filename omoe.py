@@ -26,6 +26,7 @@ Two implementations of the same layer, selected by `layer.impl`:
                the Cholesky factor G = RᵀR the orthonormal outputs are Q = E R⁻¹ and the mixed output is
                Σ_k g_k q_k = E (R⁻¹ g) = Σ_i c_i e_i: one product with the stacked B's, like vanilla MoE-LoRA.
 """
+import inspect
 import json
 import math
 from contextlib import contextmanager
@@ -36,11 +37,13 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
+import peft_format
 from weights import load_safetensors, save_safetensors
 
 ORTH_MODES = ("orthonormal", "orthogonal", "none")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
+OMOE_WEIGHTS = "omoe_model.safetensors"  # experts and routers: not PEFT's file name, so PEFT cannot load nothing from it
 
 # The ridge. B starts at zero, so every expert output is 0 at step 0 and normalising it is 0/0.
 # Both implementations add `ridge` to the diagonal of the per-token Gram matrix (fast path), which is
@@ -307,29 +310,54 @@ def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
             p.copy_(state[k])  # copy_ converts dtype and device
 
 
-def save_adapters(model: nn.Module, directory) -> None:
-    """Write adapter_model.safetensors and adapter_config.json (PEFT's file names) into directory."""
+def save_adapters(model: nn.Module, directory, base_model: str | None = None) -> None:
+    """Write the adapters into directory: exactly PEFT's files for plain LoRA (one expert, one rank, alpha
+    and dropout everywhere), else ours: adapter_config.json with format_version and the add_experts
+    arguments, and omoe_model.safetensors keyed like adapter_state_dict. PEFT refuses ours (its config
+    has no peft_type, and a config edited to look like PEFT's still finds no adapter_model.safetensors),
+    instead of silently running the base model. base_model is recorded as base_model_name_or_path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, **adapter_config(model)}
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    layers = list(_adapted(model).values())
+    settings = {(m.experts, m.rank, m.alpha, m.dropout) for m in layers}
+    if len(settings) == 1 and layers[0].experts == 1:
+        targets = list(dict.fromkeys(m.target for m in layers))
+        config, state = peft_format.to_peft(targets, *settings.pop()[1:], state, base_model)
+        weights = ADAPTER_WEIGHTS
+    else:
+        config, weights = {"format_version": FORMAT_VERSION, **adapter_config(model)}, OMOE_WEIGHTS
+    save_safetensors(state, directory / weights, metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_adapter_files(directory) -> tuple[dict, dict[str, Tensor]]:
-    """Read what save_adapters wrote: (config for add_experts(model, **config), state for load_adapters)."""
-    path = Path(directory) / ADAPTER_CONFIG
+    """Read an adapter directory, ours or a PEFT LoRA's: (config for add_experts(model, **config),
+    state for load_adapters). Errors name the file and the key."""
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG
     if not path.is_file():
-        raise ValueError(f"{path} not found: {directory} is not a directory written by save_adapters")
+        raise ValueError(f"{path} not found: {directory} is not an adapter directory (save_adapters or PEFT)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if "peft_type" in config:
+        config = peft_format.from_peft_config(path, config, TARGETS)
+        return config, peft_format.from_peft_state(directory / ADAPTER_WEIGHTS)
     version = config.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}")
-    return config, load_safetensors(Path(directory) / ADAPTER_WEIGHTS)
+    known = [name for name in inspect.signature(add_experts).parameters if name != "model"]
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (an adapter config has {', '.join(known)})")
+    weights = directory / OMOE_WEIGHTS
+    if not weights.is_file() and (directory / ADAPTER_WEIGHTS).is_file():
+        weights = directory / ADAPTER_WEIGHTS  # written before the experts' file was renamed
+    return config, load_safetensors(weights)
 
 
 def load_balancing_loss(model: nn.Module) -> Tensor:

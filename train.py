@@ -446,7 +446,7 @@ def run(args) -> int:
     # ── evaluate, save, report ──
     after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
     if main_process:
-        omoe.save_adapters(model, out / "adapter")
+        omoe.save_adapters(model, out / "adapter", base_model=str(model_dir))
         print_table(before, after)
         if last_stats:
             print_diversity(last_stats)

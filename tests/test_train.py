@@ -80,8 +80,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, task_dir, tmp_p
     monkeypatch.undo()
     assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, on the CPU
-    a = load_safetensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
-    b = load_safetensors(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    a = load_safetensors(tmp_path / "full" / "adapter" / omoe.OMOE_WEIGHTS)
+    b = load_safetensors(tmp_path / "cut" / "adapter" / omoe.OMOE_WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -123,8 +123,8 @@ def test_ddp_equals_single_process(tiny_model_dir, task_dir, tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    a = load_safetensors(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    b = load_safetensors(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    a = load_safetensors(tmp_path / "one" / "adapter" / omoe.OMOE_WEIGHTS)
+    b = load_safetensors(tmp_path / "two" / "adapter" / omoe.OMOE_WEIGHTS)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
