@@ -467,3 +467,14 @@ def test_generate_stops_at_any_of_several_eos_ids():
         first = next(i for i in range(5, 15) if int(free_row[i]) in stops)
         assert torch.equal(row[:first + 1], free_row[:first + 1]) and (row[first:] == row[first]).all()
     assert out.shape[1] == 5 + max(next(i for i in range(10) if int(r[5 + i]) in stops) for r in free) + 1
+
+
+def test_from_pretrained_reads_a_hugging_face_cache_folder(tmp_path):
+    cache = tmp_path / "models--org--tiny"
+    hf = hf_model()
+    save(hf, cache / "snapshots" / "0123abcd")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0123abcd\n")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_pretrained(cache)(x), hf(x).logits, atol=1e-4, rtol=0)
