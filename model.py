@@ -50,9 +50,10 @@ class ModelArgs:
         """Read a Hugging Face LLaMA config.json dict; refuse what this model does not implement."""
         if d.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"model_type={d['model_type']!r} is not supported (only 'llama' and 'mistral')")
-        if d.get("sliding_window") is not None and d.get("model_type", "llama") != "mistral":
-            raise ValueError(f"sliding_window={d['sliding_window']!r} with model_type={d.get('model_type', 'llama')!r}: "
-                             f"transformers' LLaMA ignores it, only 'mistral' has a sliding window")
+        kind = d.get("model_type", "llama")
+        if d.get("sliding_window") is not None and kind != "mistral":
+            raise ValueError(f"sliding_window={d['sliding_window']!r} with model_type={kind!r}: transformers' "
+                             f"LLaMA ignores it, only 'mistral' has a sliding window")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
         for key in ("attention_bias", "mlp_bias"):

@@ -43,7 +43,7 @@ from weights import load_safetensors, save_safetensors
 ORTH_MODES = ("orthonormal", "orthogonal", "none")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
-OMOE_WEIGHTS = "omoe_model.safetensors"  # experts and routers: not PEFT's file name, so PEFT cannot load nothing from it
+OMOE_WEIGHTS = "omoe_model.safetensors"  # experts and routers: not PEFT's file name, so PEFT cannot load "nothing"
 
 # The ridge. B starts at zero, so every expert output is 0 at step 0 and normalising it is 0/0.
 # Both implementations add `ridge` to the diagonal of the per-token Gram matrix (fast path), which is

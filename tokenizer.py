@@ -48,45 +48,39 @@ class Tokenizer:
         path = resolve_hf_cache(path)
         directory, self.file = (path, _tokenizer_file(path)) if path.is_dir() else (path.parent, path)
         if not self.file.is_file():
-            raise TokenizerError(f"{path}: tokenizer not found (a sentencepiece tokenizer.model or a tokenizer.json "
-                            f"is expected)")
+            raise TokenizerError(f"{path}: tokenizer not found (a sentencepiece tokenizer.model or a "
+                                 f"tokenizer.json is expected)")
         self.sp = self.tk = None
-        shipped = _special_tokens(directory)
         if self.file.suffix == ".json":
             self.tk = _load_tokenizer_json(self.file)
             vocab = self.tk.get_vocab(with_added_tokens=True)
-            self.vocab_size = max(vocab.values()) + 1
-            found = {kind: vocab.get(token) for kind, token in shipped["tokens"].items()}
-            unknown = next((k for k, token in shipped["tokens"].items() if found[k] is None), None)
-            if unknown:
-                raise TokenizerError(f"{shipped['source'][unknown]}: {unknown}_token {shipped['tokens'][unknown]!r} "
-                                f"is not a token of {self.file}")
+            self.vocab_size, lookup = max(vocab.values()) + 1, vocab.get
             plain, full = (self.tk.encode("a", add_special_tokens=s).ids for s in (False, True))
             prefix = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
-            added_bos = prefix[0] if len(prefix) == 1 else None  # what the post-processor prepends
-            bos = found.get("bos", added_bos)
-            self.add_bos = shipped.get("add_bos", added_bos is not None) and bos is not None
+            own = {"bos": prefix[0]} if len(prefix) == 1 else {}  # the BOS its post-processor prepends
+            adds_bos = bool(own)
         else:
-            self.sp = spm.SentencePieceProcessor()
-            try:
-                self.sp.Load(str(self.file))
-            except (OSError, RuntimeError) as e:
-                raise TokenizerError(f"{self.file}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+            self.sp = _load_sentencepiece(self.file)
             self.vocab_size = self.sp.vocab_size()
-            own = {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": self.sp.pad_id(), "unk": self.sp.unk_id()}
-            found = {kind: self.sp.piece_to_id(t) for kind, t in shipped["tokens"].items()}
-            found = {k: i for k, i in found.items() if i != self.sp.unk_id() or k == "unk"}
-            found = {**{k: i for k, i in own.items() if i >= 0}, **found}
-            bos = found.get("bos")
-            self.add_bos = shipped.get("add_bos", True) and bos is not None  # LLaMA's reference code adds BOS
-        self.bos_id = bos if bos is not None else shipped["ids"]["bos"]
-        eos = found.get("eos", shipped["ids"]["eos"][0] if shipped["ids"]["eos"] else None)
-        if eos is None:
+            pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
+            lookup = pieces.get
+            own = {k: i for k, i in (("bos", self.sp.bos_id()), ("eos", self.sp.eos_id()), ("pad", self.sp.pad_id()),
+                                     ("unk", self.sp.unk_id())) if i >= 0}
+            adds_bos = True  # Meta's reference code prepends BOS (sentencepiece itself never does)
+        shipped = _special_tokens(directory)
+        ids = dict(own)
+        for kind, token in shipped["tokens"].items():  # what the model's files name wins over the tokenizer's own
+            ids[kind] = lookup(token)
+            if ids[kind] is None:
+                raise TokenizerError(f"{shipped['source'][kind]}: {kind}_token {token!r} is not a token of {self.file}")
+        self.bos_id = ids.get("bos", shipped["ids"]["bos"])
+        self.add_bos = shipped.get("add_bos", adds_bos) and self.bos_id is not None
+        self.eos_id = ids.get("eos", next(iter(shipped["ids"]["eos"]), None))
+        if self.eos_id is None:
             raise TokenizerError(f"{self.file}: no end-of-sequence token (no eos_token in tokenizer_config.json or "
-                            f"special_tokens_map.json, no eos_token_id in config.json or generation_config.json)")
-        self.eos_id = eos
-        self.stop_ids = sorted({eos, *shipped["ids"]["eos"]})
-        self.pad_id = next(i for i in (found.get("pad"), found.get("unk"), eos) if i is not None)
+                                 f"special_tokens_map.json, no eos_token_id in config.json or generation_config.json)")
+        self.stop_ids = sorted({self.eos_id, *shipped["ids"]["eos"]})
+        self.pad_id = next(i for i in (ids.get("pad"), ids.get("unk"), self.eos_id) if i is not None)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Text -> ids; bos=True prepends the model's BOS if it uses one, eos=True appends eos_id."""
@@ -105,10 +99,19 @@ def _tokenizer_file(directory: Path) -> Path:
     if sp_file.is_file() and not json_file.is_file():
         return sp_file  # whatever it is: the error, if any, names it
     try:
-        spm.SentencePieceProcessor(model_file=str(sp_file))
+        _load_sentencepiece(sp_file)
         return sp_file
-    except (OSError, RuntimeError):
+    except TokenizerError:
         return json_file
+
+
+def _load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+    return sp
 
 
 def _load_tokenizer_json(path: Path):

@@ -4,6 +4,7 @@ files, the fit with the model, and train.py on a model that ships only a tokeniz
 import json
 
 import pytest
+import torch
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
@@ -23,7 +24,8 @@ CORPUS = ["Below is an instruction that describes a task. Write a response that 
           "emoji 😀🚀 and 中文的句子 and café naïve"] * 20
 TEXTS = ["Which is heavier?", " one leading space", "   three leading spaces", "runs   of    spaces  ",
          "lines\n\n\nand\ttabs\n", "digits 2024 and 1234567 and 3.14159", "emoji 😀🚀", "中文的句子 CJK",
-         "a special <|eot_id|> in the text", "<|endoftext|> at the start", "### Response:\nthe correct answer is answer1"]
+         "a special <|eot_id|> in the text", "<|endoftext|> at the start",
+         "### Response:\nthe correct answer is answer1"]
 
 # The two conventions of byte-level BPE models: Llama-3 (special tokens after the vocabulary, BOS added by
 # the post-processor, instruct EOS <|eot_id|> with three stop ids) and SmolLM2 (<|endoftext|> = id 0 is
@@ -118,8 +120,15 @@ def test_directory_prefers_a_sentencepiece_tokenizer_model(tmp_path):
     (tmp_path / "tokenizer.model").write_text("tiktoken's format, as in Llama-3's original/ folder")
     assert Tokenizer(tmp_path).file == tmp_path / "tokenizer.json"
     train_tokenizer(tmp_path / "tokenizer.model")
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: bos_token '<\|begin_of_text\|>' is not a "
+                                             r"token of .*tokenizer\.model"):
+        Tokenizer(tmp_path)  # the files beside it describe another tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "add_bos_token": True}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     tok = Tokenizer(tmp_path)
-    assert tok.file == tmp_path / "tokenizer.model" and tok.tk is None and tok.add_bos and tok.bos_id == 1
+    assert tok.file == tmp_path / "tokenizer.model" and tok.tk is None
+    assert (tok.add_bos, tok.bos_id, tok.eos_id, tok.stop_ids, tok.pad_id) == (True, 1, 2, [2], 0)
 
 
 def test_hf_cache_folder_resolves_to_its_snapshot(tmp_path):
@@ -145,7 +154,8 @@ def test_tokenizer_errors_name_the_file_and_key(tmp_path):
         Tokenizer(tmp_path)
     byte_level_bpe(tmp_path, "smollm2")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: eos_token '</s>' is not a token of .*tokenizer\.json"):
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: eos_token '</s>' is not a token of "
+                                             r".*tokenizer\.json"):
         Tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
     (tmp_path / "generation_config.json").write_text("[]")
@@ -188,3 +198,30 @@ def test_train_on_a_model_with_only_a_tokenizer_json(tmp_path, task_dir, capsys)
         f"train.py: error: {model_dir / 'tokenizer.json'} has {tok.vocab_size} tokens but {model_dir / 'config.json'} "
         f"has vocab_size {tok.vocab_size - 1}: this tokenizer is not the model's")
     assert not (tmp_path / "out2" / "results.json").exists()
+
+
+def test_training_and_generation_with_a_tokenizer_without_bos(tmp_path):
+    """SmolLM2 adds no BOS: truncation cuts from the very start of the prompt; answers end at any stop id."""
+    import data
+    tok = Tokenizer(byte_level_bpe(tmp_path, "smollm2"))
+    ex = data.Example("Which is heavier? " * 20 + "\n\nAnswer format: answer1/answer2", data.response_for("answer2"),
+                      "answer2", "", ["answer1", "answer2"])
+    (item,), counts = data.encode_for_training(tok, [ex], cutoff_len=40)
+    assert counts["truncated"] == 1 and len(item["input_ids"]) == 40
+    full = tok.encode(data.prompt(ex) + ex.output, eos=True)
+    assert item["input_ids"] == full[-40:]  # no BOS to keep: the cut is the first tokens of the prompt
+    scored = [i for i, label in zip(item["input_ids"], item["labels"]) if label != -100]
+    assert tok.decode(scored).strip() == data.response_for("answer2") and scored[-1] == tok.eos_id
+
+    class Replies(torch.nn.Module):  # answers "answer1", a second stop id, then junk
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+        def generate(self, tokens, attention_mask=None, max_new_tokens=32, temperature=0.0, eos_id=None):
+            assert eos_id == tok.stop_ids == [0, 99]
+            reply = tok.encode("the correct answer is answer1", bos=False) + [99] + tok.encode("answer2", bos=False)
+            return torch.cat([tokens, torch.tensor([reply] * tokens.shape[0])], dim=1)
+
+    tok.stop_ids = [0, 99]  # as with Llama-3 instruct's several eos_token_id
+    assert data.generate_answers(Replies(), tok, [ex]) == ["the correct answer is answer1"]
