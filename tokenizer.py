@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import sentencepiece as spm
+import tokenizers
 
 from weights import resolve_hf_cache
 
@@ -96,13 +97,15 @@ class Tokenizer:
 def _tokenizer_file(directory: Path) -> Path:
     """tokenizer.model if it is a sentencepiece model (Llama-3's original/ one is tiktoken's), else tokenizer.json."""
     sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
-    if sp_file.is_file() and not json_file.is_file():
-        return sp_file  # whatever it is: the error, if any, names it
-    try:
-        _load_sentencepiece(sp_file)
-        return sp_file
-    except TokenizerError:
-        return json_file
+    if sp_file.is_file():
+        if not json_file.is_file():
+            return sp_file  # whatever it is: the error, if any, names it
+        try:
+            _load_sentencepiece(sp_file)
+            return sp_file
+        except TokenizerError:
+            pass
+    return json_file
 
 
 def _load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
@@ -114,8 +117,7 @@ def _load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
-def _load_tokenizer_json(path: Path):
-    import tokenizers  # only tokenizer.json models need it
+def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
@@ -158,12 +160,12 @@ def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, config_file) -> None:
     """Before any work: every id the tokenizer can produce, and every special id, must be a row of the
     model's embeddings. A larger model vocabulary (embeddings padded to a multiple of 64) is fine."""
     if tok.vocab_size > vocab_size:
-        raise TokenizerError(f"{tok.file} has {tok.vocab_size} tokens but {config_file} has vocab_size {vocab_size}: "
-                        f"this tokenizer is not the model's")
+        raise TokenizerError(f"{tok.file} has {tok.vocab_size} tokens but {config_file} has vocab_size "
+                             f"{vocab_size}: this tokenizer is not the model's")
     special = {"bos": [tok.bos_id] if tok.add_bos else [], "eos": [tok.eos_id], "stop": tok.stop_ids,
                "pad": [tok.pad_id]}
     for kind, ids in special.items():
         for i in ids:
             if not 0 <= i < min(tok.vocab_size, vocab_size):
                 raise TokenizerError(f"{tok.file}: its {kind} id {i} is not a token ({tok.vocab_size} tokens; "
-                                f"{config_file} has vocab_size {vocab_size})")
+                                     f"{config_file} has vocab_size {vocab_size})")
