@@ -132,20 +132,21 @@ class RMSNorm(nn.Module):
 # │ wrong heads, and the model silently produces nonsense.                                  │
 # └─────────────────────────────────────────────────────────────────────────────────────────┘
 # ┌─ RoPE scaling: longer contexts from the same weights ───────────────────────────────────┐
-# │ Plain RoPE turns pair i by pos * inv_freq_i, inv_freq_i = theta^(-2i/hd): fast pairs    │
-# │ (small i) resolve nearby tokens, slow ones, whose wavelength 2π/inv_freq spans the whole │
-# │ context, place tokens far apart. The scalings change these frequencies, never the      │
+# │ Plain RoPE turns pair i by pos * inv_freq_i, inv_freq_i = theta^(-2i/hd): the fast pairs│
+# │ (small i) resolve nearby tokens; the slow ones, whose wavelength 2π / inv_freq spans the│
+# │ context, tell far-apart tokens apart. The scalings change these frequencies, never the  │
 # │ rotation itself:                                                                        │
-# │ linear   every inv_freq_i / factor: position p turns like p / factor did in training,   │
-# │          so factor times more positions fit into the angles the model knows.            │
-# │ dynamic  (NTK-aware) unchanged up to L = max_position_embeddings; when the longest      │
-# │          position of a forward call n exceeds L, theta grows to                        │
+# │ linear   every inv_freq_i / factor: position p turns as p / factor did in training, so  │
+# │          factor times more positions fit into the angles the model knows.               │
+# │ dynamic  (NTK-aware) unchanged up to L = max_position_embeddings; once a forward call   │
+# │          reaches n > L positions (its largest position + 1), theta becomes              │
 # │          theta * (factor * n / L - (factor - 1)) ** (hd / (hd - 2)): the fast pairs     │
-# │          barely move, the slowest stretch by about factor * n / L. Like transformers,   │
-# │          computed per call, so keys in a KV cache keep the angles they were stored with. │
-# │ llama3   by wavelength, against L0 = original_max_position_embeddings: pairs shorter   │
-# │          than L0 / high_freq_factor are unchanged, longer than L0 / low_freq_factor are │
-# │          divided by factor (as linear), those in between blend the two smoothly.        │
+# │          barely move, the slowest slow down by about factor * n / L. As in transformers │
+# │          it is computed per call, so keys in a KV cache keep the angles they got.       │
+# │ llama3   by wavelength, against L0 = original_max_position_embeddings: pairs shorter    │
+# │          than L0 / high_freq_factor are unchanged, those longer than                    │
+# │          L0 / low_freq_factor are divided by factor (as linear), those in between       │
+# │          blend the two smoothly.                                                        │
 # └─────────────────────────────────────────────────────────────────────────────────────────┘
 def rope_inv_freq(args: ModelArgs, seq_len: int, device) -> torch.Tensor:
     """The rotation frequencies (hd/2,) float32 for a forward call whose positions are < seq_len.

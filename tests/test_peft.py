@@ -167,6 +167,9 @@ def test_peft_configs_we_cannot_run_name_file_and_key(tmp_path, overrides, messa
 
 
 def test_peft_weights_of_another_kind_and_unknown_keys_of_ours(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_config.json'}: expected a JSON object"):
+        omoe.load_adapter_files(tmp_path)
     write_peft(tmp_path)
     safetensors.torch.save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 4)},
                                 tmp_path / "adapter_model.safetensors")

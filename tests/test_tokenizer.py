@@ -157,6 +157,9 @@ def test_tokenizer_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: eos_token '</s>' is not a token of "
                                              r".*tokenizer\.json"):
         Tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: cannot read \(Expecting value"):
+        Tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
     (tmp_path / "generation_config.json").write_text("[]")
     with pytest.raises(TokenizerError, match=r"generation_config\.json: expected a JSON object"):
