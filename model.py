@@ -33,7 +33,7 @@ class ModelArgs:
     head_dim: int | None = None  # None = dim // n_heads; some checkpoints set it explicitly
     norm_eps: float = 1e-6  # rms_norm_eps
     rope_theta: float = 10000.0  # base of the rotary frequencies
-    max_seq_len: int = 2048  # max_position_embeddings: the longest context generate() will build
+    max_seq_len: int = 2048  # max_position_embeddings: the longest context generate() builds (dynamic RoPE: more)
     tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares embed_tokens' weight
     rope_scaling: dict | None = None  # None = plain RoPE, else {"rope_type": "linear" | "dynamic" | "llama3", ...}
     sliding_window: int | None = None  # Mistral: each token attends to itself and the window - 1 before it

@@ -106,7 +106,8 @@ def parse_args(argv=None):
     a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     a("--eval-only", action="store_true", help="only evaluate the model with the adapters of --adapter")
-    a("--adapter", default=None, help="adapter folder written by a run (<out>/adapter) for --eval-only")
+    a("--adapter", default=None, help="adapter folder written by a run (<out>/adapter), or a PEFT LoRA adapter "
+                                      "folder, for --eval-only")
     a("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
     a("--compile", action="store_true", help="torch.compile the model for training")
     args = p.parse_args(argv)

@@ -478,3 +478,14 @@ def test_from_pretrained_reads_a_hugging_face_cache_folder(tmp_path):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(Transformer.from_pretrained(cache)(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_left_padded_generation_through_a_sliding_window_matches_transformers(tmp_path):
+    config, _ = FAMILIES["mistral-7b-v0.1"]
+    hf = family_checkpoint(tmp_path, config, "hub")
+    model = Transformer.from_pretrained(tmp_path)
+    _, batch, mask = padded_batch([10, 6], "left")
+    expected = hf.generate(batch, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    assert expected.shape == (2, 40)
+    assert torch.equal(model.generate(batch, attention_mask=mask, max_new_tokens=30), expected)

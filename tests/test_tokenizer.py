@@ -184,18 +184,22 @@ def test_tokenizer_must_fit_the_model(tmp_path):
 
 
 def test_train_on_a_model_with_only_a_tokenizer_json(tmp_path, task_dir, capsys):
-    model_dir = byte_level_bpe(tmp_path / "model", "llama3")
+    """Given as the Hugging Face cache folder a download leaves (models--org--name, refs/main -> a snapshot)."""
+    cache = tmp_path / "hub" / "models--org--tiny"
+    model_dir = byte_level_bpe(cache / "snapshots" / "c0ffee", "llama3")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("c0ffee")
     tok = Tokenizer(model_dir)
     write_tiny_model(model_dir, tok.vocab_size + 8)  # a model vocabulary larger than the tokenizer's
     assert not (model_dir / "tokenizer.model").exists()
-    argv = ["--model", model_dir, "--data", task_dir, "--out", tmp_path / "out", "--max-steps", 2,
+    argv = ["--model", cache, "--data", task_dir, "--out", tmp_path / "out", "--max-steps", 2,
             "--batch-size", 4, "--micro-batch-size", 4, "--train-limit", 8, "--eval-limit", 3, "--rank", 2]
     assert train.main([str(a) for a in argv]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["after"]) == {"alpha", "beta"} and results["steps"] == 2
     # The same directory with a model vocabulary too small for the tokenizer stops before any work.
     write_tiny_model(model_dir, tok.vocab_size - 1)
-    argv[5] = tmp_path / "out2"
+    argv[1], argv[5] = model_dir, tmp_path / "out2"
     assert train.main([str(a) for a in argv]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"train.py: error: {model_dir / 'tokenizer.json'} has {tok.vocab_size} tokens but {model_dir / 'config.json'} "
