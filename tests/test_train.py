@@ -206,8 +206,10 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
 ])
 def test_baselines_run_from_the_same_command(tiny_model_dir, task_dir, tmp_path, flags, expected):
     assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 3, *QUICK, *flags) == 0
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config, _ = omoe.load_adapter_files(tmp_path / "adapter")
     assert {k: config[k] for k in expected} == expected
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written.get("peft_type") == ("LORA" if "--lora" in flags else None)  # plain LoRA: PEFT's files
     assert all(map(torch.isfinite, map(torch.tensor, losses(tmp_path))))
 
 
