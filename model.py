@@ -141,8 +141,10 @@ class RMSNorm(nn.Module):
 # │ dynamic  (NTK-aware) unchanged up to L = max_position_embeddings; once a forward call   │
 # │          reaches n > L positions (its largest position + 1), theta becomes              │
 # │          theta * (factor * n / L - (factor - 1)) ** (hd / (hd - 2)): the fast pairs     │
-# │          barely move, the slowest slow down by about factor * n / L. As in transformers │
-# │          it is computed per call, so keys in a KV cache keep the angles they got.       │
+# │          barely move, the slowest slow down by about factor * n / L. Computed from each │
+# │          call's own positions, so keys in a KV cache keep the angles they got. (Same as │
+# │          transformers for one call and through generation; transformers also keeps the  │
+# │          largest n seen for later, shorter calls that are still past L.)                │
 # │ llama3   by wavelength, against L0 = original_max_position_embeddings: pairs shorter    │
 # │          than L0 / high_freq_factor are unchanged, those longer than                    │
 # │          L0 / low_freq_factor are divided by factor (as linear), those in between       │
