@@ -46,7 +46,7 @@ def byte_level_bpe(directory, style: str, vocab_size: int = 400):
     """Train a byte-level BPE tokenizer.json offline, with the files a model of this style ships beside it."""
     s = STYLES[style]
     directory.mkdir(parents=True, exist_ok=True)
-    tk = tokenizers.Tokenizer(models.BPE())
+    tk = tokenizers.Tokenizer(models.BPE(ignore_merges=style == "llama3"))  # Llama-3's: whole words first
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)] if style == "llama3" else
