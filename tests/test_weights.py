@@ -13,7 +13,7 @@ import torch
 
 import weights
 from weights import (CheckpointError, SafetensorsFile, find_weight_files, load_safetensors, open_weights,
-                        read_safetensors_metadata, save_safetensors)
+                        read_safetensors_metadata, save_safetensors, tensor_sha256)
 
 
 def random_tensor(dtype, shape, seed=0) -> torch.Tensor:
@@ -69,7 +69,9 @@ def test_files_we_write_are_read_by_the_package(tmp_path):
     for name, t in tensors.items():
         assert_same(theirs[name], t.contiguous())
     with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "é ✓"}
+        meta = f.metadata()
+    assert json.loads(meta.pop("sha256")) == {name: tensor_sha256(t) for name, t in tensors.items()}
+    assert meta == {"format": "pt", "note": "é ✓"}
 
 
 def test_files_the_package_writes_are_read_by_us(tmp_path):
@@ -90,7 +92,7 @@ def test_round_trip_keeps_order_and_aligns_every_tensor(tmp_path):
     tensors = sample()
     save_safetensors(tensors, tmp_path / "x.safetensors")
     header = header_of(tmp_path / "x.safetensors")
-    assert "__metadata__" not in header and list(header) == list(tensors)
+    assert list(header.pop("__metadata__")) == ["sha256"] and list(header) == list(tensors)
     for name, info in header.items():  # aligned data is what lets readers map tensors without a copy
         assert info["data_offsets"][0] % tensors[name].element_size() == 0, name
     assert (8 + struct.unpack("<Q", (tmp_path / "x.safetensors").read_bytes()[:8])[0]) % 8 == 0
