@@ -10,10 +10,12 @@ optimizer and schedule -> resume -> evaluate, train, evaluate -> results.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -26,13 +28,17 @@ from tqdm import tqdm
 
 import data
 import omoe
-from model import Transformer
+from model import Transformer, check_memory, load_config
+from weights import load_refusal, tensor_sha256
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
 RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "orth",
                      "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
                      "max_steps", "warmup", "schedule", "grad_clip", "cutoff_len", "train_on_prompt",
                      "seed", "train_limit")
+# What a run writes into --out: an --out holding any of them needs --resume or --overwrite.
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "results.json", "adapter")
+MAX_NEW_TOKENS = 32  # generated per answer in --eval-mode generate
 
 
 # Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
@@ -51,8 +57,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other refusal (the usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
 
     def a(flag, help, **kw):
         key = flag[2:].replace("-", "_")
@@ -103,6 +114,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
     a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--overwrite", action="store_true",
+      help="replace the run in --out (its checkpoint, log, adapters and results), once all input was checked")
     a("--eval-only", action="store_true", help="only evaluate the model with the adapters of --adapter")
     a("--adapter", default=None, help="adapter folder written by a run (<out>/adapter) for --eval-only")
     a("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
@@ -114,23 +127,46 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.lora:
         args.experts, args.top_k = 1, None
+    args.targets = [t for t in args.targets.split(",") if t]
+    validate_args(p, args)
+    return p, args
+
+
+def validate_args(p, args) -> None:
+    """Every flag's domain, checked before anything is loaded: a value that cannot work is refused
+    now, in one line naming the flag, not after hours of training (or never)."""
+    at_least = {"experts": 1, "rank": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 3, "warmup": 0,
+                "eval_batch_size": 1, "eval_every": 0, "log_every": 1, "save_every": 1,
+                "top_k": 1, "max_steps": 1, "train_limit": 1, "eval_limit": 1}  # the last four may be absent
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            p.error(f"--{key.replace('_', '-')} {value}: must be at least {low}")
+    numbers = {"alpha": (0, False), "lr": (0, False), "epochs": (0, False), "weight_decay": (0, True),
+               "grad_clip": (0, True), "aux_loss_coef": (0, True), "dropout": (0, True)}  # (bound, allowed)
+    for key, (low, inclusive) in numbers.items():
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            p.error(f"--{key.replace('_', '-')} {value}: must be a finite number {'>=' if inclusive else '>'} {low}")
     checks = [
-        (args.experts < 1, "--experts must be at least 1"),
-        (args.top_k is not None and not 1 <= args.top_k <= args.experts,
+        (args.dropout >= 1, f"--dropout {args.dropout}: must be below 1"),
+        (args.top_k is not None and args.top_k > args.experts,
          f"--top-k {args.top_k} must be between 1 and --experts {args.experts}"),
-        (args.rank < 1, "--rank must be at least 1"),
-        (not 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.batch_size < 1 or args.micro_batch_size < 1, "--batch-size and --micro-batch-size must be positive"),
+        (args.aux_loss_coef > 0 and args.top_k is None,
+         f"--aux-loss-coef {args.aux_loss_coef}: the load-balancing loss needs top-k routing (--top-k); "
+         f"with soft routing it would change nothing"),
         (args.batch_size % args.micro_batch_size != 0,
          f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}"),
+        (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be in [0, 2^64)"),
+        (not args.targets, f"--targets {','.join(args.targets)!r}: names no layer"),
         (args.eval_only and not args.adapter, "--eval-only needs --adapter PATH (a folder written by a run)"),
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
+        (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue the run, or replace it"),
+        (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
     ]
     for failed, message in checks:
         if failed:
             p.error(message)
-    args.targets = [t for t in args.targets.split(",") if t]
-    return p, args
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,6 +186,10 @@ class UsageError(Exception):
 
 class TrainingDiverged(Exception):
     """A NaN or infinite loss: printed as one line, exit code 1, the last good checkpoint kept."""
+
+
+class SaveError(Exception):
+    """A file of the run could not be written (a full disk): one line, exit code 1, the previous file kept."""
 
 
 def lr_lambda(args, total_steps: int):
@@ -177,24 +217,164 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before,
+                    fingerprint: str) -> None:
     """Everything a resumed run needs, in one file written atomically: a temporary file, then a rename,
-    so an interrupt leaves either the old checkpoint or the new one, never half of one."""
+    so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
+    every entry let a resume tell a damaged file from a good one."""
     state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "step": step, "args": vars(args), "before": before,
+             "rng": rng_state(), "step": step, "args": vars(args), "before": before, "data_fingerprint": fingerprint,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
+    state["checksums"] = checksums(state)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written yet"
+        raise SaveError(f"could not write {path} at step {step} ({e.strerror or e}); {kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checksums(state: dict, prefix: str = "") -> dict[str, str]:
+    """SHA-256 of every tensor of a (nested) checkpoint, and of the repr of everything else: "path" -> hex."""
+    sums = {}
+    for key, value in (state.items() if isinstance(state, dict) else enumerate(state)):
+        if key == "checksums" and not prefix:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            sums[name] = tensor_sha256(value)
+        elif isinstance(value, dict) or (isinstance(value, (list, tuple))
+                                         and any(isinstance(v, (dict, torch.Tensor)) for v in value)):
+            sums |= checksums(value, name + "/")
+        else:
+            sums[name] = hashlib.sha256(repr(value).encode()).hexdigest()
+    return sums
+
+
+CHECKPOINT_KEYS = ("adapters", "optimizer", "scheduler", "rng", "step", "args", "before", "data_fingerprint",
+                   "checksums")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """checkpoint.pt, unpickled without running code and checked against its checksums: a truncated,
+    corrupted, foreign or unsafe file is one line naming it."""
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises many types; all mean "not a checkpoint we can trust"
+        raise UsageError(f"--resume: {path} cannot be read (truncated, corrupted or not a checkpoint): "
+                         f"{load_refusal(e)}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume: {path} is not a checkpoint of this train.py (no {', '.join(missing)})")
+    expected, found = ckpt["checksums"], checksums(ckpt)
+    damaged = [k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k)]
+    if damaged:
+        raise UsageError(f"--resume: {path} is corrupted: {sorted(damaged)[0]} does not match its checksum")
+    return ckpt
+
+
+def check_resumable(ckpt: dict, args, path: Path, fingerprint: str) -> None:
+    saved = ckpt["args"]
+    differ = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(args, k)!r}"
+              for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    if fingerprint != ckpt["data_fingerprint"]:
+        differ.append(f"the training data of --data {args.data} have changed (fingerprint "
+                      f"{str(ckpt['data_fingerprint'])[:12]}, now {fingerprint[:12]})")
+    if differ:
+        raise UsageError(f"--resume: {path} was made with other settings: " + "; ".join(differ))
+
+
+def data_fingerprint(examples: list) -> str:
+    """SHA-256 of the training examples as read (after --train-limit): a resume must see the same data."""
+    rows = [[ex.task, ex.instruction, ex.input, ex.output, ex.answer] for ex in examples]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def check_out_dir(args, out: Path) -> list[Path]:
+    """Refuse an --out holding a run (any of RUN_FILES) unless --resume or --overwrite says what to do
+    with it. Returns what --overwrite will replace: nothing is deleted here, only after every input was
+    checked (clear_run)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    held = [out / name for name in RUN_FILES if (out / name).exists()]
+    if args.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UsageError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+        return []
+    if held and not args.overwrite:
+        raise UsageError(f"--out {out} holds a run ({', '.join(p.name for p in held)}): continue it with "
+                         f"--resume, replace it with --overwrite, or choose another --out")
+    # --eval-only replaces results.json alone (when it is written); the run's other files stay.
+    return [] if args.eval_only else held
+
+
+def clear_run(out: Path, replaced: list[Path]) -> None:
+    """Delete what --overwrite replaces, and temporaries a killed save left behind."""
+    for path in replaced + [out / f"{name}.tmp" for name in RUN_FILES]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Cut log.jsonl back to the entries of steps up to `step`, the checkpoint's. A run that stopped
+    after it (a second Ctrl-C, kill -9) logged steps which the resumed run will log again; a line
+    cut short by a kill ends the log too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(entry, dict) or entry.get("step", 0) > step:
+            break
+        keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
     os.replace(tmp, path)
 
 
-def check_resumable(saved: dict, args, path: Path) -> None:
-    differ = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(args, k)!r}"
-              for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
-    if differ:
-        raise UsageError(f"--resume: {path} was made with other settings: " + "; ".join(differ))
+def check_lengths(args, model_args, tokenizer, train_items: list, eval_sets: dict, config: Path) -> None:
+    """Refuse sequences longer than the model's context (max_position_embeddings) before any work:
+    positions past it were never trained, and a generate-mode prompt that cannot fit would fail only
+    after training."""
+    limit = model_args.max_seq_len
+    longest = max((len(it["input_ids"]) for it in train_items), default=0)
+    if longest > limit:
+        raise UsageError(f"--cutoff-len {args.cutoff_len}: training examples of up to {longest} tokens exceed "
+                         f"max_position_embeddings {limit} of {config}; use --cutoff-len {limit} or less")
+    for task, examples in eval_sets.items():
+        for i, ex in enumerate(examples):
+            if args.eval_mode == "generate":
+                n, what = len(tokenizer.encode(data.prompt(ex))) + MAX_NEW_TOKENS, f"+ {MAX_NEW_TOKENS} new tokens"
+            else:
+                n = max(len(data.encode_pair(tokenizer, data.prompt(ex), data.response_for(c))[0])
+                        for c in ex.candidates)
+                what = "with its longest answer"
+            if n > limit:
+                raise UsageError(f"--eval-data: task {task!r} record {i} needs {n} tokens ({what}), more than "
+                                 f"max_position_embeddings {limit} of {config}")
+
+
+def check_finite_adapters(model, when: str) -> None:
+    """Refuse to evaluate or save adapters holding NaN or infinity: their results would mean nothing."""
+    for name, t in omoe.adapter_state_dict(model).items():
+        if not torch.isfinite(t).all():
+            raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); "
+                                   f"nothing was evaluated or saved")
 
 
 def setup_distributed(device: torch.device):
@@ -239,7 +419,19 @@ def loss_sum(logits, labels):
 
 def evaluate_all(model, tokenizer, eval_sets, args, autocast) -> dict:
     with autocast:
-        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size)
+        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size, MAX_NEW_TOKENS)
+
+
+def load_adapter(directory) -> tuple[dict, dict]:
+    """The config and weights of --adapter, any fault one line naming it."""
+    if not Path(directory).is_dir():
+        raise UsageError(f"--adapter {directory}: no such directory (a folder written by a run is expected)")
+    try:
+        return omoe.load_adapter_files(directory)
+    except RecursionError:
+        raise UsageError(f"--adapter {directory}: adapter_config.json is nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--adapter {directory}: {e}") from None
 
 
 def print_table(before: dict | None, after: dict) -> None:
@@ -268,8 +460,13 @@ def append_log(out: Path, entry: dict) -> None:
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SaveError(f"could not write {path} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(args) -> int:
@@ -286,6 +483,7 @@ def run(args) -> int:
     # Adapters stay float32; a low-precision base runs under autocast so the two can meet in a matmul.
     autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else nullcontext()
     out = Path(args.out)
+    replaced = check_out_dir(args, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".writable-{rank}"  # one per process: they check at the same time
@@ -301,6 +499,10 @@ def run(args) -> int:
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
     tokenizer = data.Tokenizer(model_dir / "tokenizer.model")
+    model_args = load_config(model_dir)
+    check_memory(model_args, base_dtype, device, model_dir / "config.json")
+    if args.eval_only:
+        adapter_config, adapter_state = load_adapter(args.adapter)
     eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
     if eval_path is None and args.eval_only:
         raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")
@@ -311,6 +513,10 @@ def run(args) -> int:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
         train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task[:args.train_limit]]
+        fingerprint, ckpt_path = data_fingerprint(train_examples), out / "checkpoint.pt"
+        if args.resume:
+            ckpt = load_checkpoint(ckpt_path)
+            check_resumable(ckpt, args, ckpt_path, fingerprint)
         train_items, counts = data.encode_for_training(tokenizer, train_examples,
                                                        args.cutoff_len, args.train_on_prompt)
         say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
@@ -318,16 +524,20 @@ def run(args) -> int:
         if len(train_items) < args.batch_size:
             raise UsageError(f"--data: {len(train_items)} usable training examples, fewer than --batch-size "
                              f"{args.batch_size}")
+    check_lengths(args, model_args, tokenizer, [] if args.eval_only else train_items, eval_sets,
+                  model_dir / "config.json")
 
     # ── model and experts ──
     model = Transformer.from_pretrained(model_dir, dtype=base_dtype, device=device)
     if args.eval_only:
-        config, state = omoe.load_adapter_files(args.adapter)
-        omoe.load_adapters(omoe.add_experts(model, **config), state)
+        try:
+            omoe.load_adapters(omoe.add_experts(model, **adapter_config), adapter_state)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--adapter {args.adapter}: {e}") from None
         results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
         if main_process:
             print_table(None, results)
-            write_json(out / "results.json", {"config": vars(args), "adapter": config, "after": results})
+            write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results})
         return 0
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
     omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
@@ -350,17 +560,17 @@ def run(args) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
 
     # ── resume, or evaluate the base model ──
-    ckpt_path, start_step, before = out / "checkpoint.pt", 0, None
+    start_step, before = 0, None
+    if main_process:
+        clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
     if args.resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        check_resumable(ckpt["args"], args, ckpt_path)
         omoe.load_adapters(model, ckpt["adapters"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_step, before = ckpt["step"], ckpt["before"]
+        if main_process:
+            truncate_log(out / "log.jsonl", start_step)
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
     elif eval_sets and not args.skip_base_eval:
         say("evaluating the base model ...")
@@ -432,18 +642,25 @@ def run(args) -> int:
         stop = all_sum(float(interrupt.requested), device) > 0
         if stop or done % args.save_every == 0 or done == total_steps:
             if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before,
+                                fingerprint)
         if stop:
             say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
                 f"command and --resume.")
             return 130
     bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C stops at once
     train_time = time.time() - train_start
 
     # ── evaluate, save, report ──
+    check_finite_adapters(model, f"step {total_steps}")
     after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
     if main_process:
-        omoe.save_adapters(model, out / "adapter")
+        try:
+            omoe.save_adapters(model, out / "adapter")
+        except OSError as e:
+            raise SaveError(f"could not write the adapters to {out / 'adapter'} ({e.strerror or e}); "
+                            f"{ckpt_path} holds them: --resume evaluates and saves them again") from None
         print_table(before, after)
         if last_stats:
             print_diversity(last_stats)
@@ -464,9 +681,11 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"train.py: interrupted; the last checkpoint written is in {args.out}", file=sys.stderr)
+        ckpt = Path(args.out) / "checkpoint.pt"
+        kept = f"the last checkpoint written is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+        print(f"train.py: interrupted; {kept}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
+    except (TrainingDiverged, SaveError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     finally:

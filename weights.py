@@ -351,7 +351,7 @@ class _BinFile:
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, pre-zip format
         except Exception as e:  # the unpickler raises many types; all mean "not a loadable weights file"
             raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which loads only "
-                                  f"tensors and plain containers: {_reason(e)}") from None
+                                  f"tensors and plain containers: {load_refusal(e)}") from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise CheckpointError(f"{path}: not a state dict (a dict of str -> tensor)")
@@ -377,7 +377,7 @@ class _BinFile:
         self.tensors = {}
 
 
-def _reason(e: Exception) -> str:
+def load_refusal(e: Exception) -> str:
     """The line of a torch.load error that says what is wrong (its other lines give advice,
     such as weights_only=False, that is not for untrusted files)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
