@@ -63,7 +63,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
 
     def a(flag, help, **kw):
         key = flag[2:].replace("-", "_")
@@ -540,8 +540,11 @@ def run(args) -> int:
             write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results})
         return 0
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
-    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                     alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    try:
+        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
+                         alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    except ValueError as e:  # a target that names no layer
+        raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
     if main_process:
         trainable, total = omoe.print_trainable_parameters(model)
     model.gradient_checkpointing = args.grad_checkpoint

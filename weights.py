@@ -23,6 +23,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -378,13 +379,17 @@ class _BinFile:
 
 
 def load_refusal(e: Exception) -> str:
-    """The line of a torch.load error that says what is wrong (its other lines give advice,
-    such as weights_only=False, that is not for untrusted files)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return lines[0] if lines else type(e).__name__
+    """What a torch.load error says is wrong, on one line, without the advice around it (to load the
+    file with weights_only=False, or to allow its globals: neither is for untrusted files)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        reason = re.split(r" was not an allowed global|\. Please|Check the documentation", reason)[0]
+        return f"WeightsUnpickler error: {reason.strip()}"
+    if isinstance(e, EOFError):
+        return "the file ends too soon"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(e).__name__
 
 
 class WeightReader:
