@@ -399,3 +399,186 @@ def test_bad_input_is_refused_in_one_line_and_loses_nothing(world, tmp_path, cap
 
 def test_there_are_enough_cases():
     assert len(CASES) >= 60
+
+
+# ── faults: a full disk, Ctrl-C in every phase, kill -9 while saving ────────────────────────────
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in e]
+
+
+def last_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+def disk_full_after(monkeypatch, n: int):
+    """os.fsync succeeds n times, then the disk is full."""
+    real, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise OSError(28, "No space left on device")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    disk_full_after(monkeypatch, 1)  # the checkpoint of step 1 is written, that of step 2 is not
+    assert main(["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]) == 1
+    assert last_line(capsys) == (f"train.py: error: could not write {out / 'checkpoint.pt'} at step 2 (No space left "
+                                 f"on device); the previous checkpoint is kept")
+    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no temporary left
+
+
+def test_a_full_disk_while_saving_the_adapters_keeps_the_checkpoint_to_resume(world, tmp_path, monkeypatch, capsys):
+    out, argv = tmp_path / "out", ["--model", world / "model", "--data", world / "data", "--out", tmp_path / "out",
+                                   *QUICK]
+    disk_full_after(monkeypatch, 2)  # two checkpoints, then the adapters
+    assert main(argv) == 1
+    assert last_line(capsys).startswith(f"train.py: error: could not write the adapters to {out / 'adapter'} (No space "
+                                        f"left on device); {out / 'checkpoint.pt'} holds them")
+    assert not list(out.rglob("*.tmp")) and not (out / "adapter" / "adapter_model.safetensors").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0  # nothing left to train: evaluates and saves
+    assert snapshot(out / "adapter") == snapshot(world / "run" / "adapter")
+
+
+def test_ctrl_c_during_the_base_evaluation_stops_at_once(world, tmp_path, monkeypatch, capsys):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate_all", interrupted)
+    argv = ["--model", world / "model", "--data", world / "data", "--out", tmp_path / "out", *QUICK]
+    assert main([a for a in argv if a != "--skip-base-eval"]) == 130
+    assert last_line(capsys) == "train.py: interrupted; no checkpoint was written"
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_during_the_final_evaluation_stops_and_resume_finishes(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate_all", interrupted)  # --skip-base-eval: the only call is the final one
+    assert main(argv) == 130
+    assert last_line(capsys) == f"train.py: interrupted; the last checkpoint written is {out / 'checkpoint.pt'}"
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    assert losses(out) == losses(world / "run") and snapshot(out / "adapter") == snapshot(world / "run" / "adapter")
+
+
+def test_a_second_ctrl_c_during_a_save_leaves_a_log_the_resume_repairs(world, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for a checkpoint at the end of step 3; the second arrives while it is being
+    written: the checkpoint of step 2 stays, the log already holds step 3, and the resumed run logs
+    every step exactly once, with the losses of an uninterrupted run."""
+    common = ["--model", world / "model", "--data", world / "data", *QUICK, "--max-steps", "4", "--save-every", "2"]
+    assert main([*common, "--out", tmp_path / "full"]) == 0
+
+    class CtrlCAtStep3:
+        def __init__(self):
+            self.checks = 0
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return self.checks >= 3
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 3:
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        real_save(obj, f, *a, **k)
+    monkeypatch.setattr(train, "Interrupt", CtrlCAtStep3)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "cut"
+    assert main([*common, "--out", out]) == 130
+    assert last_line(capsys) == f"train.py: interrupted; the last checkpoint written is {out / 'checkpoint.pt'}"
+    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not list(out.glob("*.tmp"))
+    assert [s for s, _ in losses(out)] == [1, 2, 3]
+    monkeypatch.undo()
+    assert main([*common, "--out", out, "--resume"]) == 0
+    assert losses(out) == losses(tmp_path / "full")  # steps 1..4, once each, bit for bit
+
+
+def test_overwrite_replaces_the_run_only_after_every_check(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "run", out)
+    (out / "log.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    argv = ["--model", world / "model", "--data", world / "data", "--out", out, *QUICK, "--max-steps", "1"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert [s for s, _ in losses(out)] == [1]  # the earlier run's log is gone, not appended to
+    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+
+
+def test_non_finite_adapters_are_neither_evaluated_nor_saved(tiny_model_dir):
+    import omoe
+    from model import Transformer
+    model = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), rank=2)
+    train.check_finite_adapters(model, "step 1")
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.lora_B[0, 0, 0] = float("inf")
+    with pytest.raises(train.TrainingDiverged, match="step 1: adapter weight layers.1.mlp.up_proj.lora_B is not finite"):
+        train.check_finite_adapters(model, "step 1")
+
+
+SAVER = """
+import argparse, sys, torch
+sys.path.insert(0, {root!r})
+import omoe, train
+from model import ModelArgs, Transformer
+torch.manual_seed(0)
+model = omoe.add_experts(Transformer(ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=512,
+                                               vocab_size=64)), experts=4, rank=64)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params)
+for p in params:
+    p.grad = torch.randn_like(p)
+optimizer.step()
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    train.save_checkpoint(train.Path(sys.argv[1]), model, optimizer, scheduler, step, 10,
+                          argparse.Namespace(seed=0), None, "fingerprint")
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_while_saving_leaves_the_old_checkpoint_or_the_new_one(tmp_path):
+    """A process saving checkpoints back to back, killed at random points (half of them while a
+    temporary file exists, i.e. inside a save): what is left always loads and verifies, and it is the
+    last checkpoint reported saved or the one after it."""
+    path, rng, mid_save = tmp_path / "checkpoint.pt", random.Random(0), 0
+    for round in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER.format(root=str(ROOT)), str(path)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            saved = [int(proc.stdout.readline())]  # one save is complete
+            if round % 2:
+                deadline = time.time() + 30
+                while not path.with_name("checkpoint.pt.tmp").exists() and time.time() < deadline:
+                    time.sleep(0.0005)
+            else:
+                time.sleep(rng.uniform(0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            saved += [int(line) for line in proc.stdout.read().split()]
+        finally:
+            proc.kill()
+            proc.wait()
+        mid_save += path.with_name("checkpoint.pt.tmp").exists()
+        assert train.load_checkpoint(path)["step"] in (saved[-1], saved[-1] + 1)
+        train.clear_run(tmp_path, [])  # what a run does before it writes: the temporary goes
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert mid_save >= 1  # the kills did land inside saves
