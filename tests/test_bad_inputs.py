@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 from conftest import records
@@ -139,7 +140,7 @@ def first(state):
     return sorted(state)[0]
 
 
-def checkpoint(change):
+def edit_checkpoint(change):
     def setup(tmp):
         ckpt = torch.load(tmp / "out" / "checkpoint.pt", weights_only=True)
         torch.save(change(ckpt, tmp), tmp / "out" / "checkpoint.pt")
@@ -342,14 +343,14 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "checkpoint: flipped byte": ([], flip_tensor_byte("out/checkpoint.pt", lambda tmp: torch.load(
         tmp / "out" / "checkpoint.pt", weights_only=True)["adapters"]["layers.1.self_attn.v_proj.lora_B"]),
         "--resume: {tmp}/out/checkpoint.pt is corrupted: adapters/layers.1.self_attn.v_proj.lora_B does not match"),
-    "checkpoint: step edited": ([], checkpoint(lambda c, tmp: c | {"step": 1}),
+    "checkpoint: step edited": ([], edit_checkpoint(lambda c, tmp: c | {"step": 1}),
                                 "--resume: {tmp}/out/checkpoint.pt is corrupted: step does not match its checksum"),
-    "checkpoint: pickled code": ([], checkpoint(lambda c, tmp: c | {"evil": Payload(str(tmp / "mark"))}),
+    "checkpoint: pickled code": ([], edit_checkpoint(lambda c, tmp: c | {"evil": Payload(str(tmp / "mark"))}),
                                  "--resume: {tmp}/out/checkpoint.pt cannot be read (truncated, corrupted or not a "
                                  "checkpoint): WeightsUnpickler error: Unsupported global"),
-    "checkpoint: not a dict": ([], checkpoint(lambda c, tmp: [1, 2]),
+    "checkpoint: not a dict": ([], edit_checkpoint(lambda c, tmp: [1, 2]),
                                "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py"),
-    "checkpoint: no checksums": ([], checkpoint(lambda c, tmp: {k: v for k, v in c.items() if k != "checksums"}),
+    "checkpoint: no checksums": ([], edit_checkpoint(lambda c, tmp: {k: v for k, v in c.items() if k != "checksums"}),
                                  "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py (no checksums)"),
     "checkpoint: other rank": (["--rank", "4"], None, "--resume: {tmp}/out/checkpoint.pt was made with other "
                                                       "settings: --rank was 2, now 4"),
@@ -432,7 +433,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(world, tmp
     assert main(["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]) == 1
     assert last_line(capsys) == (f"train.py: error: could not write {out / 'checkpoint.pt'} at step 2 (No space left "
                                  f"on device); the previous checkpoint is kept")
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no temporary left
 
 
@@ -502,7 +503,7 @@ def test_a_second_ctrl_c_during_a_save_leaves_a_log_the_resume_repairs(world, tm
     out = tmp_path / "cut"
     assert main([*common, "--out", out]) == 130
     assert last_line(capsys) == f"train.py: interrupted; the last checkpoint written is {out / 'checkpoint.pt'}"
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not list(out.glob("*.tmp"))
+    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not list(out.glob("*.tmp"))
     assert [s for s, _ in losses(out)] == [1, 2, 3]
     monkeypatch.undo()
     assert main([*common, "--out", out, "--resume"]) == 0
@@ -516,7 +517,7 @@ def test_overwrite_replaces_the_run_only_after_every_check(world, tmp_path):
     argv = ["--model", world / "model", "--data", world / "data", "--out", out, *QUICK, "--max-steps", "1"]
     assert main([*argv, "--overwrite"]) == 0
     assert [s for s, _ in losses(out)] == [1]  # the earlier run's log is gone, not appended to
-    assert train.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
 
 
 def test_non_finite_adapters_are_neither_evaluated_nor_saved(tiny_model_dir):
@@ -533,8 +534,9 @@ def test_non_finite_adapters_are_neither_evaluated_nor_saved(tiny_model_dir):
 SAVER = """
 import argparse, sys, torch
 sys.path.insert(0, {root!r})
-import omoe, train
+import checkpoint, omoe
 from model import ModelArgs, Transformer
+from pathlib import Path
 torch.manual_seed(0)
 model = omoe.add_experts(Transformer(ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=512,
                                                vocab_size=64)), experts=4, rank=64)
@@ -550,7 +552,7 @@ while True:
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
-    train.save_checkpoint(train.Path(sys.argv[1]), model, optimizer, scheduler, step, 10,
+    checkpoint.save_checkpoint(Path(sys.argv[1]), model, optimizer, scheduler, step, 10,
                           argparse.Namespace(seed=0), None, "fingerprint")
     print(step, flush=True)
 """
@@ -578,7 +580,7 @@ def test_kill_9_while_saving_leaves_the_old_checkpoint_or_the_new_one(tmp_path):
             proc.kill()
             proc.wait()
         mid_save += path.with_name("checkpoint.pt.tmp").exists()
-        assert train.load_checkpoint(path)["step"] in (saved[-1], saved[-1] + 1)
-        train.clear_run(tmp_path, [])  # what a run does before it writes: the temporary goes
+        assert checkpoint.load_checkpoint(path)["step"] in (saved[-1], saved[-1] + 1)
+        checkpoint.clear_run(tmp_path, [])  # what a run does before it writes: the temporary goes
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert mid_save >= 1  # the kills did land inside saves
