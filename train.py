@@ -139,7 +139,7 @@ def validate_args(p, args) -> None:
         if value is not None and value < low:
             p.error(f"--{key.replace('_', '-')} {value}: must be at least {low}")
     numbers = {"alpha": (0, False), "lr": (0, False), "epochs": (0, False), "weight_decay": (0, True),
-               "grad_clip": (0, True), "aux_loss_coef": (0, True), "dropout": (0, True)}  # (bound, allowed)
+               "grad_clip": (0, True), "aux_loss_coef": (0, True), "dropout": (0, True)}  # (bound, bound allowed)
     for key, (low, inclusive) in numbers.items():
         value = getattr(args, key)
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
@@ -219,23 +219,29 @@ def check_lengths(args, model_args, tokenizer, train_items: list, eval_sets: dic
                          f"max_position_embeddings {limit} of {config}; use --cutoff-len {limit} or less")
     for task, examples in eval_sets.items():
         for i, ex in enumerate(examples):
+            text = data.prompt(ex) + max((data.response_for(c) for c in ex.candidates), key=len)
+            extra = MAX_NEW_TOKENS if args.eval_mode == "generate" else 0
+            if len(text.encode()) + 3 + extra <= limit:
+                continue  # a token covers at least one byte: with BOS, EOS and sentencepiece's leading "▁", it fits
             if args.eval_mode == "generate":
-                n, what = len(tokenizer.encode(data.prompt(ex))) + MAX_NEW_TOKENS, f"+ {MAX_NEW_TOKENS} new tokens"
+                n, what = len(tokenizer.encode(data.prompt(ex))) + extra, f"+ {MAX_NEW_TOKENS} new tokens"
             else:
                 n = max(len(data.encode_pair(tokenizer, data.prompt(ex), data.response_for(c))[0])
                         for c in ex.candidates)
                 what = "with its longest answer"
             if n > limit:
-                raise UsageError(f"--eval-data: task {task!r} record {i} needs {n} tokens ({what}), more than "
+                raise UsageError(f"evaluation data: task {task!r} record {i} needs {n} tokens ({what}), more than "
                                  f"max_position_embeddings {limit} of {config}")
 
 
 def check_finite_adapters(model, when: str) -> None:
     """Refuse to evaluate or save adapters holding NaN or infinity: their results would mean nothing."""
-    for name, t in omoe.adapter_state_dict(model).items():
-        if not torch.isfinite(t).all():
-            raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); "
-                                   f"nothing was evaluated or saved")
+    state = omoe.adapter_state_dict(model)
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()  # one sync, not one per tensor
+    for name, ok in zip(state, finite):
+        if not ok:
+            raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); stopping "
+                                   f"without evaluating or saving it")
 
 
 def setup_distributed(device: torch.device):
@@ -482,13 +488,17 @@ def run(args) -> int:
             append_log(out, entry)
             last_stats = entry["experts"]
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
-        if args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets:
+        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets
+        stop = all_sum(float(interrupt.requested), device) > 0
+        save = stop or done % args.save_every == 0 or done == total_steps
+        if evaluate or save:
+            check_finite_adapters(model, f"step {done}")
+        if evaluate:
             results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
             if main_process:
                 append_log(out, {"step": done, "eval": results})
                 bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
-        stop = all_sum(float(interrupt.requested), device) > 0
-        if stop or done % args.save_every == 0 or done == total_steps:
+        if save:
             if main_process:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before,
                                 fingerprint)
@@ -501,7 +511,6 @@ def run(args) -> int:
     train_time = time.time() - train_start
 
     # ── evaluate, save, report ──
-    check_finite_adapters(model, f"step {total_steps}")
     after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
     if main_process:
         try:
