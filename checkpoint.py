@@ -137,7 +137,8 @@ def check_out_dir(args, out: Path) -> list[Path]:
 
 def clear_run(out: Path, replaced: list[Path]) -> None:
     """Delete what --overwrite replaces, and temporaries a killed save left behind."""
-    for path in replaced + [out / f"{name}.tmp" for name in RUN_FILES]:
+    stale = [out / f"{name}.tmp" for name in RUN_FILES] + list((out / "adapter").glob(".*.tmp"))  # see weights.py
+    for path in replaced + stale:
         if path.is_dir():
             shutil.rmtree(path)
         else:

@@ -159,6 +159,14 @@ def generate_prompt_too_long(tmp):
     config(max_position_embeddings=limit)(tmp)
 
 
+def answer_too_long(tmp):
+    """max_position_embeddings one token short of the longest test prompt with its longest answer."""
+    tok = data.Tokenizer(tmp / "model" / "tokenizer.model")
+    longest = max(len(data.encode_pair(tok, data.prompt(ex), data.response_for(c))[0])
+                  for t in data.load_tasks(tmp / "data", "test").values() for ex in t[:2] for c in ex.candidates)
+    config(max_position_embeddings=longest - 1)(tmp)
+
+
 def changed_data_run(tmp):
     """A finished run on tmp/data, after which one training record changes."""
     shutil.rmtree(tmp / "out")
@@ -285,6 +293,7 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
         "--cutoff-len 512: training examples of up to"),
     "config: generate prompt cannot fit": (["--eval-mode", "generate"], generate_prompt_too_long,
                                            "evaluation data: task 'alpha' record "),
+    "config: an answer cannot fit": ([], answer_too_long, "evaluation data: task 'alpha' record ", "eval"),
     "weights: none": ([], lambda tmp: (tmp / "model" / "model.safetensors").unlink(),
                       "{tmp}/model: no weight files"),
     "weights: truncated": ([], truncate("model/model.safetensors", 0.5), "{tmp}/model/model.safetensors: tensor"),
@@ -508,6 +517,7 @@ def test_a_second_ctrl_c_during_a_save_leaves_a_log_the_resume_repairs(world, tm
     monkeypatch.undo()
     assert main([*common, "--out", out, "--resume"]) == 0
     assert losses(out) == losses(tmp_path / "full")  # steps 1..4, once each, bit for bit
+    assert snapshot(out / "adapter") == snapshot(tmp_path / "full" / "adapter")
 
 
 def test_overwrite_replaces_the_run_only_after_every_check(world, tmp_path):
