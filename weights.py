@@ -267,11 +267,11 @@ def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
         expected = _checksums(f.path, f.metadata)
         tensors = {}
         for name in f.keys():
-            tensors[name] = f.get(name)
+            tensors[name] = f.get(name, device)
             if expected is not None and expected.get(name) != tensor_sha256(tensors[name]):
                 raise CheckpointError(f"{f.path}: tensor {name!r} does not match its sha256 checksum "
                                       f"(the file is corrupted)")
-        return {name: t.to(device) for name, t in tensors.items()}
+        return tensors
 
 
 def _checksums(path: Path, metadata: dict) -> dict | None:
