@@ -56,16 +56,25 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_pe
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
     state["checksums"] = checksums(state)
+    try:
+        write_atomically(path, lambda f: torch.save(state, f))
+    except SaveError as e:
+        raise SaveError(f"step {step}: {e}") from None
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(f) into a temporary file beside `path`, synced to disk, then renamed over `path`: a kill
+    at any moment leaves the old file or the new one, and a failure (a full disk) keeps the old one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
         os.replace(tmp, path)
     except OSError as e:
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written yet"
-        raise SaveError(f"could not write {path} at step {step} ({e.strerror or e}); {kept}") from None
+        kept = "the previous one is kept" if path.exists() else "there was none before"
+        raise SaveError(f"could not write {path} ({e.strerror or e}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -160,9 +169,7 @@ def truncate_log(path: Path, step: int) -> None:
         if not isinstance(entry, dict) or entry.get("step", 0) > step:
             break
         keep.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write("".join(keep).encode()))
 
 
 def append_log(out: Path, entry: dict) -> None:
@@ -171,12 +178,5 @@ def append_log(out: Path, entry: dict) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SaveError(f"could not write {path} ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 

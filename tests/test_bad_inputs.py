@@ -440,8 +440,8 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(world, tmp
     out = tmp_path / "out"
     disk_full_after(monkeypatch, 1)  # the checkpoint of step 1 is written, that of step 2 is not
     assert main(["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]) == 1
-    assert last_line(capsys) == (f"train.py: error: could not write {out / 'checkpoint.pt'} at step 2 (No space left "
-                                 f"on device); the previous checkpoint is kept")
+    assert last_line(capsys) == (f"train.py: error: step 2: could not write {out / 'checkpoint.pt'} (No space left "
+                                 f"on device); the previous one is kept")
     assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no temporary left
 
