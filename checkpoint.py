@@ -109,11 +109,18 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many types; all mean "not a checkpoint we can trust"
         raise RunError(f"--resume: {path} cannot be read (truncated, corrupted or not a checkpoint): "
-                         f"{load_refusal(e)}") from None
+                       f"{load_refusal(e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise RunError(f"--resume: {path} is not a checkpoint of this train.py (no {', '.join(missing)})")
-    expected, found = ckpt["checksums"], checksums(ckpt)
+    if not (isinstance(ckpt["checksums"], dict) and isinstance(ckpt["args"], dict) and type(ckpt["step"]) is int):
+        raise RunError(f"--resume: {path} is not a checkpoint of this train.py (its checksums, args or step "
+                       f"have the wrong type)")
+    try:
+        found = checksums(ckpt)
+    except RecursionError:
+        raise RunError(f"--resume: {path} is not a checkpoint of this train.py (nested too deeply)") from None
+    expected = ckpt["checksums"]
     damaged = [k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k)]
     if damaged:
         raise RunError(f"--resume: {path} is corrupted: {sorted(damaged)[0]} does not match its checksum")

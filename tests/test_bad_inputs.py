@@ -178,6 +178,19 @@ def nested(depth=100_000):
     return "[" * depth + "]" * depth
 
 
+def deeply_nested(tmp):
+    """A checkpoint whose "before" is 5000 dicts deep (saving it needs a raised recursion limit)."""
+    ckpt = torch.load(tmp / "out" / "checkpoint.pt", weights_only=True)
+    for _ in range(5000):
+        ckpt["before"] = {"task": ckpt["before"]}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        torch.save(ckpt, tmp / "out" / "checkpoint.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def copy_run_files(*names):
     def setup(tmp):
         (tmp / "out").mkdir()
@@ -361,6 +374,11 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
                                "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py"),
     "checkpoint: no checksums": ([], edit_checkpoint(lambda c, tmp: {k: v for k, v in c.items() if k != "checksums"}),
                                  "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py (no checksums)"),
+    "checkpoint: checksums not a dict": ([], edit_checkpoint(lambda c, tmp: c | {"checksums": [1]}),
+                                         "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py "
+                                         "(its checksums, args or step have the wrong type)"),
+    "checkpoint: nested too deeply": ([], deeply_nested, "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of "
+                                                         "this train.py (nested too deeply)"),
     "checkpoint: other rank": (["--rank", "4"], None, "--resume: {tmp}/out/checkpoint.pt was made with other "
                                                       "settings: --rank was 2, now 4"),
     "checkpoint: other train limit": (["--train-limit", "6"], None, "--train-limit was None, now 6"),
