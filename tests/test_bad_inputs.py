@@ -271,6 +271,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "config: a JSON list": ([], text("model/config.json", "[1, 2]"),
                             "{tmp}/model/config.json: expected a JSON object of settings, found a JSON list"),
     "config: invalid JSON": ([], text("model/config.json", "{"), "{tmp}/model/config.json: Expecting property name"),
+    "config: not UTF-8": ([], text("model/config.json", b'{"hidden_size": "\xff"}'), "{tmp}/model/config.json: 'utf-8' "
+                                                                                    "codec can't decode byte 0xff"),
     "config: nested too deeply": ([], text("model/config.json", nested()),
                                   "{tmp}/model/config.json: JSON nested too deeply"),
     "config: size a string": ([], config(hidden_size="32"),
