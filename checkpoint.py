@@ -47,7 +47,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before,
                     fingerprint: str) -> None:
-    """Everything a resumed run needs, in one file written atomically: a temporary file, then a rename,
+    """Everything a resumed run needs, in one file written atomically (write_atomically),
     so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
     every entry let a resume tell a damaged file from a good one."""
     state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
@@ -146,7 +146,7 @@ def check_out_dir(args, out: Path) -> list[Path]:
         return []
     if held and not args.overwrite:
         raise RunError(f"--out {out} holds a run ({', '.join(p.name for p in held)}): continue it with "
-                         f"--resume, replace it with --overwrite, or choose another --out")
+                       f"--resume, replace it with --overwrite, or choose another --out")
     # --eval-only replaces results.json alone (when it is written); the run's other files stay.
     return [] if args.eval_only else held
 
