@@ -60,6 +60,8 @@ def read_records(path: Path, split: str = "train", task: str = "") -> list[Examp
         raise DataError(f"{path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a list of records") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, found {_json_type(records)}")
     if not records:

@@ -10,6 +10,7 @@ H query heads, K key/value heads, hd head_dim, F hidden_dim of the MLP, V vocab_
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, d: dict) -> "ModelArgs":
         """Read a Hugging Face LLaMA config.json dict; refuse what this model does not implement."""
+        check_hf_config(d)
         if d.get("model_type", "llama") not in ("llama", "mistral"):
             raise ValueError(f"model_type={d['model_type']!r} is not supported (only 'llama' and 'mistral')")
         kind = d.get("model_type", "llama")
@@ -103,6 +105,77 @@ def _rope_scaling(d: dict) -> dict | None:
             raise ValueError(f"{key} of type {kind!r} has no {', '.join(missing)}")
         return {"rope_type": kind, **{k: value[k] for k in ROPE_SCALING[kind]}}
     return None
+
+
+# The type of every config.json key ModelArgs reads (absent is always allowed: the default applies).
+POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
+                 "max_position_embeddings")
+OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window")  # or null
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+STRINGS = ("model_type", "hidden_act")
+OPTIONAL_DICTS = ("rope_scaling", "rope_parameters")  # or null; their contents are read by from_hf_config
+
+
+def check_hf_config(d) -> None:
+    """Refuse a config.json whose values have the wrong type or range, naming the key: a string,
+    float or negative where a size belongs would otherwise fail deep inside torch (or not at all)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of settings, found a JSON {type(d).__name__}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    rules = ([(k, lambda v: type(v) is int and v > 0, "a positive integer") for k in POSITIVE_INTS]
+             + [(k, lambda v: v is None or type(v) is int and v > 0, "a positive integer or null")
+                for k in OPTIONAL_POSITIVE_INTS]
+             + [(k, number, "a positive finite number") for k in POSITIVE_NUMBERS]
+             + [(k, lambda v: isinstance(v, bool), "true or false") for k in BOOLS]
+             + [(k, lambda v: isinstance(v, str), "a string") for k in STRINGS]
+             + [(k, lambda v: v is None or isinstance(v, dict), "an object or null") for k in OPTIONAL_DICTS])
+    for key, valid, expected in rules:
+        if key in d and not valid(d[key]):
+            raise ValueError(f"{key}={json.dumps(d[key])[:80]} must be {expected}")
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """The number of parameters Transformer(args) has, from the config alone (a tied lm_head counts once)."""
+    D, H, K, hd, F, V = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.vocab_size
+    per_block = D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F + 2 * D  # q, k, v, o; gate, up, down; 2 norms
+    return V * D * (1 if args.tie_embeddings else 2) + D + args.n_layers * per_block
+
+
+def check_memory(args: ModelArgs, dtype, device, where) -> None:
+    """Refuse a model that cannot fit in the memory of `device`, before allocating anything: a config
+    with absurd sizes would otherwise build modules for minutes and then fail."""
+    device = torch.device(device or "cpu")
+    needed = parameter_count(args) * (dtype or torch.float32).itemsize
+    if device.type == "cuda" and torch.cuda.is_available():
+        available = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if needed > available:
+        raise ValueError(f"{where}: the model it describes has {parameter_count(args):,} parameters, "
+                         f"{needed / 2**30:,.1f} GiB in {dtype or torch.float32}, more than the "
+                         f"{available / 2**30:,.1f} GiB of memory of {device}")
+
+
+def load_config(path) -> ModelArgs:
+    """The ModelArgs of a Hugging Face model directory's config.json; errors name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
+                                f"directory with config.json and model weights)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in this directory")
+    try:
+        return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{config_file}: JSON nested too deeply") from None
 
 
 class RMSNorm(nn.Module):
@@ -406,11 +479,11 @@ class Transformer(nn.Module):
         unexpected or wrongly shaped tensor is an error, never a partial load.
         """
         path = resolve_hf_cache(path)
-        args = read_config(path)
-
+        args = load_config(path)
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available here")
+        check_memory(args, dtype, device, path / "config.json")
         with torch.device("meta"):
             model = cls(args)
         model.to(dtype or torch.float32).to_empty(device=device)
@@ -435,27 +508,16 @@ class Transformer(nn.Module):
                      if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
             if wrong:
                 raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
+            for n in needed:  # copy_ would turn integers into float weights without a word
+                if not reader.dtypes[file_name[n]].is_floating_point:
+                    raise CheckpointError(f"{reader.path_of(file_name[n])}: tensor {file_name[n]!r} has dtype "
+                                          f"{reader.dtypes[file_name[n]]}, but a floating-point weight belongs there")
             # Largest first: while a tensor is copied its pages in the file are resident too, so
             # memory peaks at the weights loaded so far plus the tensor being read. Starting with
             # the embeddings keeps that peak at about one copy of the weights.
             for name in sorted(needed, key=lambda n: ours[n].numel(), reverse=True):
                 reader.copy_into(file_name[name], ours[name])
         return model.eval()
-
-
-def read_config(path) -> ModelArgs:
-    """The ModelArgs of a Hugging Face model directory's config.json; errors name the file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
-                                f"directory with config.json and model weights)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in this directory")
-    try:
-        return ModelArgs.from_hf_config(json.loads(config_file.read_text()))
-    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{config_file}: {e}") from None
 
 
 def _names(names: list[str], limit: int = 8) -> str:

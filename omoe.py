@@ -305,6 +305,11 @@ def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys]
     if problems:
         raise ValueError("adapter weights do not fit this model; " + "; ".join(problems))
+    for k in own:  # copy_ would silently turn integers into floats and carry NaN into every output
+        if not state[k].is_floating_point():
+            raise ValueError(f"adapter weight {k} has dtype {state[k].dtype}, not a floating-point dtype")
+        if not torch.isfinite(state[k]).all():
+            raise ValueError(f"adapter weight {k} is not finite (it holds NaN or infinity)")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])  # copy_ converts dtype and device

@@ -10,7 +10,6 @@ optimizer and schedule -> resume -> evaluate, train, evaluate -> results.
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -26,7 +25,9 @@ from tqdm import tqdm
 
 import data
 import omoe
-from model import Transformer, read_config
+from checkpoint import (SaveError, append_log, check_out_dir, clear_run, data_fingerprint, load_checkpoint,
+                        save_checkpoint, set_rng_state, truncate_log, write_json)
+from model import Transformer, check_memory, load_config
 from weights import resolve_hf_cache
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
@@ -34,6 +35,7 @@ RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "drop
                      "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
                      "max_steps", "warmup", "schedule", "grad_clip", "cutoff_len", "train_on_prompt",
                      "seed", "train_limit")
+MAX_NEW_TOKENS = 32  # generated per answer in --eval-mode generate
 
 
 # Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
@@ -52,8 +54,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other refusal (the usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
 
     def a(flag, help, **kw):
         key = flag[2:].replace("-", "_")
@@ -105,6 +112,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
     a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--overwrite", action="store_true",
+      help="replace the run in --out (its checkpoint, log, adapters and results), once all input was checked")
     a("--eval-only", action="store_true", help="only evaluate the model with the adapters of --adapter")
     a("--adapter", default=None, help="adapter folder written by a run (<out>/adapter), or a PEFT LoRA adapter "
                                       "folder, for --eval-only")
@@ -117,23 +126,46 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.lora:
         args.experts, args.top_k = 1, None
+    args.targets = [t for t in args.targets.split(",") if t]
+    validate_args(p, args)
+    return p, args
+
+
+def validate_args(p, args) -> None:
+    """Every flag's domain, checked before anything is loaded: a value that cannot work is refused
+    now, in one line naming the flag, not after hours of training (or never)."""
+    at_least = {"experts": 1, "rank": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 3, "warmup": 0,
+                "eval_batch_size": 1, "eval_every": 0, "log_every": 1, "save_every": 1,
+                "top_k": 1, "max_steps": 1, "train_limit": 1, "eval_limit": 1}  # the last four may be absent
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            p.error(f"--{key.replace('_', '-')} {value}: must be at least {low}")
+    numbers = {"alpha": (0, False), "lr": (0, False), "epochs": (0, False), "weight_decay": (0, True),
+               "grad_clip": (0, True), "aux_loss_coef": (0, True), "dropout": (0, True)}  # (bound, bound allowed)
+    for key, (low, inclusive) in numbers.items():
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            p.error(f"--{key.replace('_', '-')} {value}: must be a finite number {'>=' if inclusive else '>'} {low}")
     checks = [
-        (args.experts < 1, "--experts must be at least 1"),
-        (args.top_k is not None and not 1 <= args.top_k <= args.experts,
+        (args.dropout >= 1, f"--dropout {args.dropout}: must be below 1"),
+        (args.top_k is not None and args.top_k > args.experts,
          f"--top-k {args.top_k} must be between 1 and --experts {args.experts}"),
-        (args.rank < 1, "--rank must be at least 1"),
-        (not 0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
-        (args.batch_size < 1 or args.micro_batch_size < 1, "--batch-size and --micro-batch-size must be positive"),
+        (args.aux_loss_coef > 0 and args.top_k is None,
+         f"--aux-loss-coef {args.aux_loss_coef}: the load-balancing loss needs top-k routing (--top-k); "
+         f"with soft routing it would change nothing"),
         (args.batch_size % args.micro_batch_size != 0,
          f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}"),
+        (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be in [0, 2^64)"),
+        (not args.targets, f"--targets {','.join(args.targets)!r}: names no layer"),
         (args.eval_only and not args.adapter, "--eval-only needs --adapter PATH (a folder written by a run)"),
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
+        (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue the run, or replace it"),
+        (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
     ]
     for failed, message in checks:
         if failed:
             p.error(message)
-    args.targets = [t for t in args.targets.split(",") if t]
-    return p, args
 
 
 def pick_device(name: str) -> torch.device:
@@ -168,36 +200,51 @@ def lr_lambda(args, total_steps: int):
     return factor
 
 
-def rng_state() -> dict:
-    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "torch": torch.get_rng_state(), **cuda}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before) -> None:
-    """Everything a resumed run needs, in one file written atomically: a temporary file, then a rename,
-    so an interrupt leaves either the old checkpoint or the new one, never half of one."""
-    state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "step": step, "args": vars(args), "before": before,
-             # Informative: the next batch is fixed by the step alone (see data.batch_indices).
-             "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def check_resumable(saved: dict, args, path: Path) -> None:
+def check_resumable(ckpt: dict, args, path: Path, fingerprint: str) -> None:
+    saved = ckpt["args"]
     differ = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {getattr(args, k)!r}"
               for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    if fingerprint != ckpt["data_fingerprint"]:
+        differ.append(f"the training data of --data {args.data} have changed (fingerprint "
+                      f"{str(ckpt['data_fingerprint'])[:12]}, now {fingerprint[:12]})")
     if differ:
         raise UsageError(f"--resume: {path} was made with other settings: " + "; ".join(differ))
+
+
+def check_lengths(args, model_args, tokenizer, train_items: list, eval_sets: dict, config: Path) -> None:
+    """Refuse sequences longer than the model's context (max_position_embeddings) before any work:
+    positions past it were never trained, and a generate-mode prompt that cannot fit would fail only
+    after training."""
+    limit = model_args.max_seq_len
+    longest = max((len(it["input_ids"]) for it in train_items), default=0)
+    if longest > limit:
+        raise UsageError(f"--cutoff-len {args.cutoff_len}: training examples of up to {longest} tokens exceed "
+                         f"max_position_embeddings {limit} of {config}; use --cutoff-len {limit} or less")
+    for task, examples in eval_sets.items():
+        for i, ex in enumerate(examples):
+            text = data.prompt(ex) + max((data.response_for(c) for c in ex.candidates), key=len)
+            extra = MAX_NEW_TOKENS if args.eval_mode == "generate" else 0
+            if len(text.encode()) + 3 + extra <= limit:
+                continue  # a token covers at least one byte: with BOS, EOS and sentencepiece's leading "▁", it fits
+            if args.eval_mode == "generate":
+                n, what = len(tokenizer.encode(data.prompt(ex))) + extra, f"+ {MAX_NEW_TOKENS} new tokens"
+            else:
+                n = max(len(data.encode_pair(tokenizer, data.prompt(ex), data.response_for(c))[0])
+                        for c in ex.candidates)
+                what = "with its longest answer"
+            if n > limit:
+                raise UsageError(f"evaluation data: task {task!r} record {i} needs {n} tokens ({what}), more than "
+                                 f"max_position_embeddings {limit} of {config}")
+
+
+def check_finite_adapters(model, when: str) -> None:
+    """Refuse to evaluate or save adapters holding NaN or infinity: their results would mean nothing."""
+    state = omoe.adapter_state_dict(model)
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()  # one sync, not one per tensor
+    for name, ok in zip(state, finite):
+        if not ok:
+            raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); stopping "
+                                   f"without evaluating or saving it")
 
 
 def setup_distributed(device: torch.device):
@@ -242,7 +289,19 @@ def loss_sum(logits, labels):
 
 def evaluate_all(model, tokenizer, eval_sets, args, autocast) -> dict:
     with autocast:
-        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size)
+        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size, MAX_NEW_TOKENS)
+
+
+def load_adapter(directory) -> tuple[dict, dict]:
+    """The config and weights of --adapter, any fault one line naming it."""
+    if not Path(directory).is_dir():
+        raise UsageError(f"--adapter {directory}: no such directory (a folder written by a run is expected)")
+    try:
+        return omoe.load_adapter_files(directory)
+    except RecursionError:
+        raise UsageError(f"--adapter {directory}: adapter_config.json is nested too deeply") from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--adapter {directory}: {e}") from None
 
 
 def print_table(before: dict | None, after: dict) -> None:
@@ -264,17 +323,6 @@ def print_diversity(stats: dict) -> None:
         print(f"{block:<8}{gate:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
 
 
-def append_log(out: Path, entry: dict) -> None:
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args) -> int:
     # ── device and precision ──
     device = pick_device(args.device)
@@ -289,6 +337,7 @@ def run(args) -> int:
     # Adapters stay float32; a low-precision base runs under autocast so the two can meet in a matmul.
     autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else nullcontext()
     out = Path(args.out)
+    replaced = check_out_dir(args, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".writable-{rank}"  # one per process: they check at the same time
@@ -304,7 +353,11 @@ def run(args) -> int:
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
     tokenizer = data.Tokenizer(model_dir)  # its tokenizer.model, else its tokenizer.json
-    data.check_tokenizer_fits(tokenizer, read_config(model_dir).vocab_size, model_dir / "config.json")
+    model_args = load_config(model_dir)
+    data.check_tokenizer_fits(tokenizer, model_args.vocab_size, model_dir / "config.json")
+    check_memory(model_args, base_dtype, device, model_dir / "config.json")
+    if args.eval_only:
+        adapter_config, adapter_state = load_adapter(args.adapter)
     eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
     if eval_path is None and args.eval_only:
         raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")
@@ -315,6 +368,10 @@ def run(args) -> int:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
         train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task[:args.train_limit]]
+        fingerprint, ckpt_path = data_fingerprint(train_examples), out / "checkpoint.pt"
+        if args.resume:
+            ckpt = load_checkpoint(ckpt_path)
+            check_resumable(ckpt, args, ckpt_path, fingerprint)
         train_items, counts = data.encode_for_training(tokenizer, train_examples,
                                                        args.cutoff_len, args.train_on_prompt)
         say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
@@ -322,20 +379,27 @@ def run(args) -> int:
         if len(train_items) < args.batch_size:
             raise UsageError(f"--data: {len(train_items)} usable training examples, fewer than --batch-size "
                              f"{args.batch_size}")
+    check_lengths(args, model_args, tokenizer, [] if args.eval_only else train_items, eval_sets,
+                  model_dir / "config.json")
 
     # ── model and experts ──
     model = Transformer.from_pretrained(model_dir, dtype=base_dtype, device=device)
     if args.eval_only:
-        config, state = omoe.load_adapter_files(args.adapter)
-        omoe.load_adapters(omoe.add_experts(model, **config), state)
+        try:
+            omoe.load_adapters(omoe.add_experts(model, **adapter_config), adapter_state)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--adapter {args.adapter}: {e}") from None
         results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
         if main_process:
             print_table(None, results)
-            write_json(out / "results.json", {"config": vars(args), "adapter": config, "after": results})
+            write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results})
         return 0
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
-    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                     alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    try:
+        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
+                         alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    except ValueError as e:  # a target that names no layer
+        raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
     if main_process:
         trainable, total = omoe.print_trainable_parameters(model)
     model.gradient_checkpointing = args.grad_checkpoint
@@ -354,17 +418,17 @@ def run(args) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
 
     # ── resume, or evaluate the base model ──
-    ckpt_path, start_step, before = out / "checkpoint.pt", 0, None
+    start_step, before = 0, None
+    if main_process:
+        clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
     if args.resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        check_resumable(ckpt["args"], args, ckpt_path)
         omoe.load_adapters(model, ckpt["adapters"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_step, before = ckpt["step"], ckpt["before"]
+        if main_process:
+            truncate_log(out / "log.jsonl", start_step)
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
     elif eval_sets and not args.skip_base_eval:
         say("evaluating the base model ...")
@@ -428,26 +492,36 @@ def run(args) -> int:
             append_log(out, entry)
             last_stats = entry["experts"]
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
-        if args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets:
+        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets
+        stop = all_sum(float(interrupt.requested), device) > 0
+        save = stop or done % args.save_every == 0 or done == total_steps
+        if evaluate or save:
+            check_finite_adapters(model, f"step {done}")
+        if evaluate:
             results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
             if main_process:
                 append_log(out, {"step": done, "eval": results})
                 bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
-        stop = all_sum(float(interrupt.requested), device) > 0
-        if stop or done % args.save_every == 0 or done == total_steps:
+        if save:
             if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before,
+                                fingerprint)
         if stop:
             say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
                 f"command and --resume.")
             return 130
     bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C stops at once
     train_time = time.time() - train_start
 
     # ── evaluate, save, report ──
     after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
     if main_process:
-        omoe.save_adapters(model, out / "adapter", base_model=str(model_dir))
+        try:
+            omoe.save_adapters(model, out / "adapter", base_model=str(model_dir))
+        except OSError as e:
+            raise SaveError(f"could not write the adapters to {out / 'adapter'} ({e.strerror or e}); "
+                            f"{ckpt_path} holds them: --resume evaluates and saves them again") from None
         print_table(before, after)
         if last_stats:
             print_diversity(last_stats)
@@ -468,9 +542,11 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"train.py: interrupted; the last checkpoint written is in {args.out}", file=sys.stderr)
+        ckpt = Path(args.out) / "checkpoint.pt"
+        kept = f"the last checkpoint written is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+        print(f"train.py: interrupted; {kept}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
+    except (TrainingDiverged, SaveError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     finally:

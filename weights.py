@@ -12,13 +12,18 @@ safetensors is simple enough to need no package. A file is three parts:
               "__metadata__": {"format": "pt"}}      (optional, str -> str)
     data_offsets = [begin, end) in bytes, counted from the start of the data section.
 
+Files written here also carry, in "__metadata__", "sha256": a JSON object of tensor name -> SHA-256
+of its bytes; load_safetensors verifies it when present, so a flipped byte is an error, not a weight.
+
 Every number in the header comes from the file, so each is checked before it is used: a truncated
 or malformed file is a CheckpointError naming the file, never a crash or a garbage tensor.
 """
 
+import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
@@ -33,6 +38,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors package enforces
+CHECKSUMS = "sha256"  # the "__metadata__" key of the per-tensor checksums
 
 # The weight files of a Hugging Face model directory, in the order they are looked for.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -45,8 +51,9 @@ class CheckpointError(ValueError):
 
 # ── writing ──────────────────────────────────────────────────────────────────────────────────
 
-def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write `tensors` (name -> Tensor, any device) to a safetensors file at `path`.
+def save_safetensors(tensors: dict, path, metadata: dict | None = None, checksums: bool = True) -> None:
+    """Write `tensors` (name -> Tensor, any device) to a safetensors file at `path`, with the
+    SHA-256 of each tensor's bytes in the metadata (unless checksums=False).
 
     Atomic: the bytes go to a temporary file in the same folder, which replaces `path` only once
     it is complete and on disk, so a failed save leaves any previous file untouched. Tensors that
@@ -71,6 +78,8 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     for name in sorted(tensors, key=lambda n: -tensors[n].element_size()):
         nbytes = tensors[name].numel() * tensors[name].element_size()
         offsets[name], end = (end, end + nbytes), end + nbytes
+    if checksums:
+        metadata = {**(metadata or {}), CHECKSUMS: json.dumps({n: tensor_sha256(t) for n, t in tensors.items()})}
     header = {"__metadata__": dict(metadata)} if metadata else {}
     for name, t in tensors.items():
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[name])}
@@ -95,6 +104,11 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     """The raw bytes of `t`, without copying it when it is already a contiguous CPU tensor."""
     t = t.detach().cpu().contiguous().reshape(-1)  # reshape: view(uint8) needs at least one dim
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes, as a hex string: the integrity check of saved tensors."""
+    return hashlib.sha256(_bytes_of(t)).hexdigest()
 
 
 def _describe(value) -> str:
@@ -247,9 +261,30 @@ class SafetensorsFile:
 
 
 def load_safetensors(path, device="cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, as independent copies on `device`."""
+    """Every tensor of a safetensors file, as independent copies on `device`, each checked against
+    its checksum when the file carries them (see save_safetensors)."""
     with SafetensorsFile(path) as f:
-        return {name: f.get(name, device) for name in f.keys()}
+        expected = _checksums(f.path, f.metadata)
+        tensors = {}
+        for name in f.keys():
+            tensors[name] = f.get(name, device)
+            if expected is not None and expected.get(name) != tensor_sha256(tensors[name]):
+                raise CheckpointError(f"{f.path}: tensor {name!r} does not match its sha256 checksum "
+                                      f"(the file is corrupted)")
+        return tensors
+
+
+def _checksums(path: Path, metadata: dict) -> dict | None:
+    """The {name: sha256} of a file's metadata, None if it has none."""
+    if CHECKSUMS not in metadata:
+        return None
+    try:
+        sums = json.loads(metadata[CHECKSUMS])
+    except (json.JSONDecodeError, RecursionError):
+        sums = None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{path}: __metadata__ {CHECKSUMS!r} is not a JSON object of tensor name -> checksum")
+    return sums
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
@@ -339,7 +374,7 @@ class _BinFile:
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy, pre-zip format
         except Exception as e:  # the unpickler raises many types; all mean "not a loadable weights file"
             raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which loads only "
-                                  f"tensors and plain containers: {_reason(e)}") from None
+                                  f"tensors and plain containers: {load_refusal(e)}") from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise CheckpointError(f"{path}: not a state dict (a dict of str -> tensor)")
@@ -365,14 +400,18 @@ class _BinFile:
         self.tensors = {}
 
 
-def _reason(e: Exception) -> str:
-    """The line of a torch.load error that says what is wrong (its other lines give advice,
-    such as weights_only=False, that is not for untrusted files)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return lines[0] if lines else type(e).__name__
+def load_refusal(e: Exception) -> str:
+    """What a torch.load error says is wrong, on one line, without the advice around it (to load the
+    file with weights_only=False, or to allow its globals: neither is for untrusted files)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        reason = re.split(r" was not an allowed global|\. Please|Check the documentation", reason)[0]
+        return f"WeightsUnpickler error: {reason.strip()}"
+    if isinstance(e, EOFError):
+        return "the file ends too soon"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0] if lines else type(e).__name__
 
 
 class WeightReader:
@@ -398,9 +437,16 @@ class WeightReader:
             raise
 
     def copy_into(self, name, out: torch.Tensor) -> None:
+        self._owner[self._known(name)].copy_into(name, out)
+
+    def path_of(self, name) -> Path:
+        """The file that holds tensor `name`."""
+        return self._owner[self._known(name)].path
+
+    def _known(self, name):
         if name not in self._owner:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r} in its weight files")
-        self._owner[name].copy_into(name, out)
+        return name
 
     def close(self) -> None:
         for f in self.files:

@@ -74,7 +74,8 @@ def run(flags: list[str], out: Path, log) -> dict:
     if (out / "results.json").is_file() and (out / "peak_rss.json").is_file():
         return {**json.loads((out / "results.json").read_text()), **json.loads((out / "peak_rss.json").read_text())}
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out)]
+    # A run without results here was cut short (the study was interrupted): it is run again from the start.
+    command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(out), "--overwrite"]
     log(" ".join(command[1:]))
     with open(out / "stdout.txt", "w") as stdout:
         proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, cwd=ROOT)

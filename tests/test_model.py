@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from weights import CheckpointError  # noqa: E402
-from model import KVCache, ModelArgs, Transformer, attention_allowed  # noqa: E402
+from model import KVCache, ModelArgs, Transformer, attention_allowed, check_memory, parameter_count  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
@@ -259,6 +259,36 @@ def test_config_refuses_what_the_model_does_not_implement(overrides, named):
     d = {k: v for k, v in hf_dict(**overrides).items() if v is not DROP}
     with pytest.raises(ValueError, match=named):
         ModelArgs.from_hf_config(d)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"head_dim": 8},
+                                       {"num_key_value_heads": 4}], ids=["plain", "tied", "head_dim", "MHA"])
+def test_parameter_count_from_the_config_equals_transformers(overrides):
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    hf = transformers.LlamaForCausalLM(config)
+    assert parameter_count(ModelArgs.from_hf_config(config.to_dict())) == hf.num_parameters()
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocation():
+    args = ModelArgs.from_hf_config(hf_dict(num_hidden_layers=10**12, hidden_size=4096, num_attention_heads=32,
+                                            num_key_value_heads=32, intermediate_size=11008))
+    with pytest.raises(ValueError, match=r"where: the model it describes has [\d,]+ parameters, [\d,.]+ GiB in "
+                                         r"torch.bfloat16, more than the [\d,.]+ GiB of memory of cpu"):
+        check_memory(args, torch.bfloat16, "cpu", "where")
+    check_memory(ModelArgs.from_hf_config(hf_dict()), torch.float32, "cpu", "where")  # a tiny one fits
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("hidden_size", "64", "a positive integer"), ("hidden_size", 64.0, "a positive integer"),
+    ("num_hidden_layers", 0, "a positive integer"), ("vocab_size", True, "a positive integer"),
+    ("head_dim", -16, "a positive integer or null"), ("rms_norm_eps", float("inf"), "a positive finite number"),
+    ("rope_theta", 0, "a positive finite number"), ("tie_word_embeddings", 0, "true or false"),
+    ("model_type", None, "a string"), ("rope_parameters", "default", "an object or null"),
+    ("sliding_window", 0, "a positive integer or null"),
+])
+def test_config_values_of_the_wrong_type_or_range_name_the_key(key, value, expected):
+    with pytest.raises(ValueError, match=f"^{key}=.* must be {expected}$"):
+        ModelArgs.from_hf_config(hf_dict(**{key: value}))
 
 
 # ---------------------------------------------------------------- from_pretrained errors

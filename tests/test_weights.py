@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 
 import weights
-from weights import (CheckpointError, SafetensorsFile, find_weight_files, load_safetensors, open_weights,
-                        read_safetensors_metadata, save_safetensors)
+from weights import (CHECKSUMS, CheckpointError, SafetensorsFile, find_weight_files, load_safetensors,
+                     open_weights, read_safetensors_metadata, save_safetensors, tensor_sha256)
 
 
 def random_tensor(dtype, shape, seed=0) -> torch.Tensor:
@@ -69,7 +69,9 @@ def test_files_we_write_are_read_by_the_package(tmp_path):
     for name, t in tensors.items():
         assert_same(theirs[name], t.contiguous())
     with safetensors.safe_open(tmp_path / "ours.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "é ✓"}
+        meta = f.metadata()
+    assert json.loads(meta.pop("sha256")) == {name: tensor_sha256(t) for name, t in tensors.items()}
+    assert meta == {"format": "pt", "note": "é ✓"}
 
 
 def test_files_the_package_writes_are_read_by_us(tmp_path):
@@ -90,7 +92,7 @@ def test_round_trip_keeps_order_and_aligns_every_tensor(tmp_path):
     tensors = sample()
     save_safetensors(tensors, tmp_path / "x.safetensors")
     header = header_of(tmp_path / "x.safetensors")
-    assert "__metadata__" not in header and list(header) == list(tensors)
+    assert list(header.pop("__metadata__")) == ["sha256"] and list(header) == list(tensors)
     for name, info in header.items():  # aligned data is what lets readers map tensors without a copy
         assert info["data_offsets"][0] % tensors[name].element_size() == 0, name
     assert (8 + struct.unpack("<Q", (tmp_path / "x.safetensors").read_bytes()[:8])[0]) % 8 == 0
@@ -404,3 +406,31 @@ def test_a_bin_that_is_not_a_state_dict_is_refused(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"{path}: "):
         open_weights(tmp_path)
+
+
+# ── checksums ────────────────────────────────────────────────────────────────────────────────────
+
+def test_a_flipped_byte_in_any_tensor_is_caught_by_its_checksum(tmp_path):
+    tensors = sample()
+    path = tmp_path / "x.safetensors"
+    save_safetensors(tensors, path)
+    raw = path.read_bytes()
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    for name, info in header_of(path).items():
+        if name == "__metadata__" or info["data_offsets"][0] == info["data_offsets"][1]:
+            continue
+        flipped = bytearray(raw)
+        flipped[data_start + info["data_offsets"][0]] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"tensor '{name}' does not match its sha256 checksum"):
+            load_safetensors(path)
+    path.write_bytes(raw)
+    assert set(load_safetensors(path)) == set(tensors)
+    save_safetensors(tensors, path, checksums=False)  # without checksums a flip goes unseen: the reason for them
+    assert CHECKSUMS not in read_safetensors_metadata(path)
+
+
+def test_malformed_checksums_are_refused(tmp_path):
+    path = raw_file(tmp_path / "x.safetensors", {"__metadata__": {"sha256": "[1, 2]"}})
+    with pytest.raises(CheckpointError, match="'sha256' is not a JSON object of tensor name -> checksum"):
+        load_safetensors(path)
