@@ -352,8 +352,8 @@ def run(args) -> int:
     model_dir = resolve_hf_cache(args.model)  # a models--org--name cache folder -> its snapshot
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
-    tokenizer = data.Tokenizer(model_dir)  # its tokenizer.model, else its tokenizer.json
     model_args = load_config(model_dir)
+    tokenizer = data.Tokenizer(model_dir)  # its tokenizer.model, else its tokenizer.json
     data.check_tokenizer_fits(tokenizer, model_args.vocab_size, model_dir / "config.json")
     check_memory(model_args, base_dtype, device, model_dir / "config.json")
     if args.eval_only:

@@ -125,7 +125,7 @@ def flip_tensor_byte(path: str, tensor_of):
     return setup
 
 
-ADAPTER = "adapter/adapter_model.safetensors"
+ADAPTER = "adapter/omoe_model.safetensors"
 
 
 def adapter_state(change):
@@ -316,7 +316,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
                                                "has dtype torch.int32, but a floating-point weight belongs there"),
     "weights: pickled code": ([], unsafe_bin, "{tmp}/model/pytorch_model.bin: refused by torch.load(weights_only=True)"),
     "tokenizer: missing": ([], lambda tmp: (tmp / "model" / "tokenizer.model").unlink(),
-                           "{tmp}/model/tokenizer.model: tokenizer model not found"),
+                           "{tmp}/model: tokenizer not found (a sentencepiece tokenizer.model or a "
+                           "tokenizer.json is expected)"),
     "tokenizer: not a model": ([], text("model/tokenizer.model", b"\x00garbage"),
                                "{tmp}/model/tokenizer.model: not a sentencepiece model"),
     # --out
@@ -346,9 +347,9 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "adapter: NaN weights": ([], adapter_state(lambda s: s[first(s)].fill_(float("nan"))),
                              "--adapter {tmp}/adapter: adapter weight layers.0.mlp.down_proj.lora_A is not finite"),
     "adapter: flipped byte": ([], flip_tensor_byte(ADAPTER, lambda tmp: load_safetensors(tmp / ADAPTER)[
-        "layers.1.self_attn.v_proj.lora_B"]), "{tmp}/adapter/adapter_model.safetensors: tensor "
+        "layers.1.self_attn.v_proj.lora_B"]), "{tmp}/adapter/omoe_model.safetensors: tensor "
                                               "'layers.1.self_attn.v_proj.lora_B' does not match its sha256 checksum"),
-    "adapter: truncated": ([], truncate(ADAPTER, 0.9), "{tmp}/adapter/adapter_model.safetensors: tensor"),
+    "adapter: truncated": ([], truncate(ADAPTER, 0.9), "{tmp}/adapter/omoe_model.safetensors: tensor"),
     "adapter: integer weights": ([], adapter_state(lambda s: s.update({first(s): s[first(s)].to(torch.int64)})),
                                  "adapter weight layers.0.mlp.down_proj.lora_A has dtype torch.int64"),
     "adapter: a missing tensor": ([], adapter_state(lambda s: s.pop(first(s))),
@@ -473,7 +474,7 @@ def test_a_full_disk_while_saving_the_adapters_keeps_the_checkpoint_to_resume(wo
     assert main(argv) == 1
     assert last_line(capsys).startswith(f"train.py: error: could not write the adapters to {out / 'adapter'} (No space "
                                         f"left on device); {out / 'checkpoint.pt'} holds them")
-    assert not list(out.rglob("*.tmp")) and not (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(out.rglob("*.tmp")) and not (out / "adapter" / "omoe_model.safetensors").exists()
     monkeypatch.undo()
     assert main([*argv, "--resume"]) == 0  # nothing left to train: evaluates and saves
     assert snapshot(out / "adapter") == snapshot(world / "run" / "adapter")

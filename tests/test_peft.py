@@ -67,7 +67,10 @@ def test_plain_lora_is_written_exactly_as_peft_writes_it(base, tmp_path):
     with safetensors.safe_open(tmp_path / "ours" / "adapter_model.safetensors", "pt") as a, \
             safetensors.safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as b:
         assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
-        assert a.metadata() == b.metadata() == {"format": "pt"}
+        # PEFT writes {"format": "pt"}; ours adds the per-tensor checksums that load_safetensors verifies.
+        ours_meta = a.metadata()
+        assert b.metadata() == {"format": "pt"} and ours_meta["format"] == "pt"
+        assert set(json.loads(ours_meta["sha256"])) == set(a.keys())
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert {k: v for k, v in written.items() if k != "target_modules"} == \

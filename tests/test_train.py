@@ -178,8 +178,7 @@ def test_usage_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--model", str(tmp_path),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path}: tokenizer not found (a sentencepiece "
-                                             f"tokenizer.model or a tokenizer.json is expected)"]
+    assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path}: no config.json in this directory"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/commonsense is not present")
