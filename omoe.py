@@ -450,6 +450,7 @@ class DiagnosticsRecorder:
     def __init__(self, names: dict):
         self.names, self.mask, self.sums = names, None, {}
 
+    @torch.compiler.disable  # host-side bookkeeping (boolean indexing, .cpu()): keep it out of compiled graphs
     @torch.no_grad()
     def observe(self, layer: OMoELinear, h: Tensor, probs: Tensor, active: Tensor):
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)             # (N,)

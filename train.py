@@ -5,8 +5,8 @@
                     --eval-data dataset/ --experts 2 --device cuda
     torchrun --nproc_per_node 4 train.py ...           # DistributedDataParallel, one process per GPU
 
-It reads top-down like a recipe: flags -> device and precision -> data -> model and experts ->
-optimizer and schedule -> resume -> evaluate, train, evaluate -> results.
+It reads top-down like a recipe: flags -> device and precision -> data -> model, its evaluation, experts ->
+optimizer and schedule -> resume -> train, evaluate -> results.
 """
 
 import argparse
@@ -73,8 +73,10 @@ def parse_args(argv=None):
     a("--dropout", type=float, help="dropout on the experts' input")
     a("--targets", default=",".join(omoe.TARGETS), help="comma-separated names of the linear layers to adapt")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
-      help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, or none (vanilla MoE-LoRA)")
-    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts)")
+      help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, normalized (each expert scaled to "
+           "unit length, no projections), or none (vanilla MoE-LoRA)")
+    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts); "
+                                          "with --orth normalized, a normalised LoRA")
     a("--aux-loss-coef", type=float, default=0.0, help="weight of the load-balancing loss (top-k routing)")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -329,6 +331,11 @@ def run(args) -> int:
             print_table(None, results)
             write_json(out / "results.json", {"config": vars(args), "adapter": config, "after": results})
         return 0
+    before = None
+    if eval_sets and not args.skip_base_eval and not args.resume:  # a resumed run has it in its checkpoint
+        say("evaluating the base model ...")
+        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # before the experts are added
+        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
     omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
                      alpha=args.alpha, dropout=args.dropout, orth=args.orth)
@@ -349,8 +356,8 @@ def run(args) -> int:
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
 
-    # ── resume, or evaluate the base model ──
-    ckpt_path, start_step, before = out / "checkpoint.pt", 0, None
+    # ── resume ──
+    ckpt_path, start_step = out / "checkpoint.pt", 0
     if args.resume:
         if not ckpt_path.is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
@@ -362,10 +369,6 @@ def run(args) -> int:
         set_rng_state(ckpt["rng"])
         start_step, before = ckpt["step"], ckpt["before"]
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
-    elif eval_sets and not args.skip_base_eval:
-        say("evaluating the base model ...")
-        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
-        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)
