@@ -33,6 +33,7 @@ Two implementations of the same layer, selected by `layer.impl`:
                launch per op on a GPU and hundreds of tiny triangular solves per step on a CPU.
                "normalized" needs only the diagonal of G: c_i = g_i / sqrt(G_ii + ridge).
 """
+import functools
 import json
 import math
 from contextlib import contextmanager
@@ -75,8 +76,12 @@ RIDGE_ABS, RIDGE_REL = 1e-4, 1e-4
 SMALL_K = 4
 # Without a checkpoint, autograd keeps the Gram's (N, E, E, R) intermediate (see _expert_gram): E²·R
 # numbers per token beside the D_in of the layer's input x, which LoRA keeps anyway. It is recomputed
-# in backward once E²·R exceeds this share of D_in (measured: benchmarks/bench_omoe.py, README).
-GRAM_CHECKPOINT_SHARE = 0.125
+# in backward once E²·R exceeds this share of D_in. Measured on the embedded tiny LLaMA (D_in 128,
+# R 8; benchmarks/bench_step.py, README): with 2 experts (E²·R = D_in/4) keeping it costs 7 MiB of a
+# step's 113 MiB and recomputing it 9% of the step's time, so it is kept; top-2 of 8 (E²·R = 4·D_in)
+# would keep 284 MiB instead of 158, so it is recomputed. At LLaMA-7B width (D_in 4096, R 16) up to 8
+# experts stay below the share (E = 8: a quarter of x's size).
+GRAM_CHECKPOINT_SHARE = 0.5
 
 
 def _ridge(mean_sq: Tensor) -> Tensor:
@@ -110,7 +115,14 @@ def gram_schmidt(E: Tensor, normalize: bool = True, eps: float | Tensor = 0.0) -
 
 def _expert_gram(h: Tensor, B: Tensor, s: float) -> Tensor:
     """Gram matrix of the expert outputs e_i = s·B_i h_i, per token: h (N, E, R), B (E, D_out, R) -> (N, E, E)."""
-    BtB = torch.einsum("eor,fot->efrt", B, B)        # (E, E, R, R) blocks B_iᵀ B_j, shared by all tokens
+    return _gram_from_products(h, _block_products(B), s)
+
+
+def _block_products(B: Tensor) -> Tensor:
+    return torch.einsum("eor,fot->efrt", B, B)        # (E, E, R, R) blocks B_iᵀ B_j, shared by all tokens
+
+
+def _gram_from_products(h: Tensor, BtB: Tensor, s: float) -> Tensor:
     hBtB = torch.einsum("ner,efrt->neft", h, BtB)     # (N, E, E, R): one batched product over e
     return s * s * (hBtB * h[:, None]).sum(-1)        # (N, E, E): G_ef = s² (h_eᵀ B_eᵀ B_f) h_f
 
@@ -295,10 +307,14 @@ class OMoELinear(nn.Module):
         return self.scaling * torch.einsum("ner,eor->no", ch, self.lora_B.to(h.dtype))  # (N, D_out)
 
     def _gram(self, h: Tensor, B: Tensor) -> Tensor:
-        """_expert_gram, recomputed in backward when its (N, E, E, R) intermediate would be large."""
+        """_expert_gram, with what autograd would keep of it recomputed in backward where that pays:
+        B_iᵀ B_j always (a few MFLOP, while its einsum would keep two reshaped copies of B, E·D_out·R
+        numbers each), the (N, E, E, R) product when E²·R > GRAM_CHECKPOINT_SHARE·D_in."""
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        BtB = checkpoint(_block_products, B)                                         # (E, E, R, R)
         if self.experts ** 2 * self.rank > GRAM_CHECKPOINT_SHARE * self.base_layer.in_features:
-            return torch.utils.checkpoint.checkpoint(_expert_gram, h, B, self.scaling, use_reentrant=False)
-        return _expert_gram(h, B, self.scaling)
+            return checkpoint(_gram_from_products, h, BtB, self.scaling)
+        return _gram_from_products(h, BtB, self.scaling)
 
     def extra_repr(self):
         return (f"experts={self.experts}, top_k={self.top_k}, rank={self.rank}, alpha={self.alpha}, "
