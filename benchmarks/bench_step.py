@@ -9,7 +9,7 @@ alike; the median over rounds after a warm-up round is reported, as a ratio to L
          parameters excluded), which is what the Gram checkpoint trades against time
 
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py
-    OMP_NUM_THREADS=1 python benchmarks/bench_step.py --gram-checkpoint-share 1e9   # never recompute the Gram
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py --gram-checkpoint-min 1000000000   # never recompute the Gram
 """
 import argparse
 import copy
@@ -47,11 +47,11 @@ def saved_bytes(fn) -> int:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
-    p.add_argument("--gram-checkpoint-share", type=float, default=None,
-                   help=f"override omoe.GRAM_CHECKPOINT_SHARE (now {omoe.GRAM_CHECKPOINT_SHARE})")
+    p.add_argument("--gram-checkpoint-min", type=int, default=None,
+                   help=f"override omoe.GRAM_CHECKPOINT_MIN (now {omoe.GRAM_CHECKPOINT_MIN})")
     args = p.parse_args()
-    if args.gram_checkpoint_share is not None:
-        omoe.GRAM_CHECKPOINT_SHARE = args.gram_checkpoint_share
+    if args.gram_checkpoint_min is not None:
+        omoe.GRAM_CHECKPOINT_MIN = args.gram_checkpoint_min
     torch.manual_seed(0)
     tokenizer = data.Tokenizer(ROOT / "assets" / "tiny-llama" / "tokenizer.model")
     examples = [ex for task in data.load_tasks(ROOT / "assets" / "world", "train").values() for ex in task]
@@ -84,7 +84,7 @@ def main():
                 times[name].append(time.perf_counter() - t0)
     lora = statistics.median(times["LoRA"])
     print(f"embedded tiny LLaMA, batch 16, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds, "
-          f"GRAM_CHECKPOINT_SHARE {omoe.GRAM_CHECKPOINT_SHARE:g}")
+          f"GRAM_CHECKPOINT_MIN {omoe.GRAM_CHECKPOINT_MIN}")
     print("| method | step ms | step / LoRA | saved MiB |")
     print("|---|---|---|---|")
     for name, (model, _) in runs.items():

@@ -100,10 +100,13 @@ def test_fast_equals_reference(orth, experts, top_k, dtype, tol):
 @pytest.mark.parametrize("orth", omoe.ORTH_MODES)
 @pytest.mark.parametrize("experts,top_k", [(1, None), *ROUTINGS])
 @pytest.mark.parametrize("B_scale", [0.0, 1.0, 1e3])
-def test_fast_equals_reference_forward_and_all_gradients(orth, experts, top_k, B_scale):
-    """float64: the output and the gradients of the input, A, B and the router agree to 1e-10."""
+@pytest.mark.parametrize("recompute_gram", [False, True])
+def test_fast_equals_reference_forward_and_all_gradients(orth, experts, top_k, B_scale, recompute_gram, monkeypatch):
+    """float64: the output and the gradients of the input, A, B and the router agree to 1e-10,
+    with the Gram's per-token product kept for backward or recomputed (omoe.GRAM_CHECKPOINT_MIN)."""
     if experts == 1 and orth != "normalized":
         pytest.skip("one expert is plain LoRA: test_single_expert_is_plain_lora")
+    monkeypatch.setattr(omoe, "GRAM_CHECKPOINT_MIN", 0 if recompute_gram else 10**9)
     m = layer(experts, top_k, orth, d_in=12, d_out=9, rank=3)
     with torch.no_grad():
         m.lora_B.mul_(B_scale)
