@@ -16,8 +16,11 @@ One adapted linear layer (s = alpha / R; the router reads x, the experts read dr
 Gram–Schmidt order: the active experts enter in expert index order, so the active expert with the
 lowest index keeps its direction and each later one keeps only what is orthogonal to those before.
 `orth` picks the flavour: "orthonormal" (the paper's; each q_k has unit length), "orthogonal"
-(projections only, each q_k keeps its residual length), "none" (vanilla MoE-LoRA: q_k = e_k).
-A single expert is plain LoRA, exactly as PEFT computes it: no router and nothing to orthogonalise.
+(projections only, each q_k keeps its residual length), "normalized" (no projections, each q_k =
+e_k scaled to unit length: the control that separates normalisation from orthogonality), "none"
+(vanilla MoE-LoRA: q_k = e_k). With orthonormal q's the update Σ_k g_k q_k has length sqrt(Σ_k g_k²)
+per token whatever B and alpha/R are (once past the ridge, below). A single expert is plain LoRA,
+exactly as PEFT computes it (no router); with orth="normalized" it is a normalised LoRA (gate 1).
 
 Two implementations of the same layer, selected by `layer.impl`:
   "reference"  computes every expert's output (N, K, D_out) and runs `gram_schmidt` on it: read this one.
@@ -25,7 +28,12 @@ Two implementations of the same layer, selected by `layer.impl`:
                G_ij = s² h_iᵀ (B_iᵀ B_j) h_j with h_i = A_i x (rank space); Gram–Schmidt is QR, so with
                the Cholesky factor G = RᵀR the orthonormal outputs are Q = E R⁻¹ and the mixed output is
                Σ_k g_k q_k = E (R⁻¹ g) = Σ_i c_i e_i: one product with the stacked B's, like vanilla MoE-LoRA.
+               For K <= 4 the Cholesky factor and the solve are written out as elementwise ops over
+               tokens (`_small_cholesky`, `_small_solve`): batched LAPACK on 2x2 matrices is slow, a
+               launch per op on a GPU and hundreds of tiny triangular solves per step on a CPU.
+               "normalized" needs only the diagonal of G: c_i = g_i / sqrt(G_ii + ridge).
 """
+import functools
 import inspect
 import json
 import math
@@ -40,7 +48,7 @@ from torch import Tensor
 import peft_format
 from weights import load_safetensors, save_safetensors
 
-ORTH_MODES = ("orthonormal", "orthogonal", "none")
+ORTH_MODES = ("orthonormal", "orthogonal", "normalized", "none")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
 OMOE_WEIGHTS = "omoe_model.safetensors"  # experts and routers: not PEFT's file name, so PEFT cannot load "nothing"
@@ -63,7 +71,20 @@ OMOE_WEIGHTS = "omoe_model.safetensors"  # experts and routers: not PEFT's file 
 #   length bounds cond(G + ridge·I) by about K·1e4, so float32 Cholesky (unit roundoff 6e-8) cannot
 #   fail, and a residual shorter than 1% of a typical expert (a near-copy of an earlier expert, which
 #   float32 could not resolve from the Gram anyway) is shrunk instead of blown up to unit length.
+# - "normalized" uses the same ridge (from the same mean over the active experts) and scales every
+#   expert as Gram–Schmidt scales the first: q_k = e_k / sqrt(|e_k|² + ridge).
 RIDGE_ABS, RIDGE_REL = 1e-4, 1e-4
+# Above this many active experts the coefficients come from LAPACK (cholesky_ex, solve_triangular);
+# up to it, from the K-row loops of _small_cholesky and _small_solve, elementwise over tokens.
+SMALL_K = 4
+# Without a checkpoint, autograd keeps the Gram's (N, E, E, R) intermediate (see _expert_gram): E²·R
+# numbers per token per adapted layer. It is recomputed in backward once it has GRAM_CHECKPOINT_MIN
+# numbers per token (2 KiB in float32), where the memory matters and the recompute is cheap beside
+# the layer. Measured (README): a 4096-wide layer with top-2 of 8 experts, rank 16 (E²·R = 1024)
+# keeps 1.21x vanilla MoE-LoRA's bytes without it, 1.02x with it; on the embedded tiny LLaMA (R = 8)
+# top-2 of 8 (512) keeps 284 MiB per step without it, 158 MiB with it, while 2 experts (32) would save
+# 7 MiB of 112 MiB and pay for it with 9% of the step's time.
+GRAM_CHECKPOINT_MIN = 512
 
 
 def _ridge(mean_sq: Tensor) -> Tensor:
@@ -97,9 +118,22 @@ def gram_schmidt(E: Tensor, normalize: bool = True, eps: float | Tensor = 0.0) -
 
 def _expert_gram(h: Tensor, B: Tensor, s: float) -> Tensor:
     """Gram matrix of the expert outputs e_i = s·B_i h_i, per token: h (N, E, R), B (E, D_out, R) -> (N, E, E)."""
-    BtB = torch.einsum("eor,fot->efrt", B, B)        # (E, E, R, R) blocks B_iᵀ B_j, shared by all tokens
+    return _gram_from_products(h, _block_products(B), s)
+
+
+def _block_products(B: Tensor) -> Tensor:
+    return torch.einsum("eor,fot->efrt", B, B)        # (E, E, R, R) blocks B_iᵀ B_j, shared by all tokens
+
+
+def _gram_from_products(h: Tensor, BtB: Tensor, s: float) -> Tensor:
     hBtB = torch.einsum("ner,efrt->neft", h, BtB)     # (N, E, E, R): one batched product over e
     return s * s * (hBtB * h[:, None]).sum(-1)        # (N, E, E): G_ef = s² (h_eᵀ B_eᵀ B_f) h_f
+
+
+def _expert_sq_lengths(h: Tensor, B: Tensor, s: float) -> Tensor:
+    """The Gram's diagonal alone, |e_i|² = s² |B_i h_i|²: h (N, E, R), B (E, D_out, R) -> (N, E)."""
+    BtB = torch.einsum("eor,eot->ert", B, B)          # (E, R, R) blocks B_iᵀ B_i
+    return s * s * (torch.einsum("ner,ert->net", h, BtB) * h).sum(-1)  # (N, E)
 
 
 def _cholesky(G: Tensor, active: Tensor) -> Tensor:
@@ -115,6 +149,50 @@ def _cholesky(G: Tensor, active: Tensor) -> Tensor:
     return torch.linalg.cholesky_ex(G + _ridge(mean_sq)[:, None, None] * eye).L      # (N, E, E)
 
 
+def _small_cholesky(G: Tensor) -> list[list[Tensor]]:
+    """Cholesky of a ridged (N, K, K) Gram, row by row, each entry an (N,) tensor: L[i][j] for j <= i.
+
+    L_ij = (G_ij - Σ_{k<j} L_ik L_jk) / L_jj and L_ii = sqrt(G_ii - Σ_{k<i} L_ik²): Gram–Schmidt's
+    projection lengths (j < i) and residual lengths (i = i) read off the Gram."""
+    K = G.shape[-1]
+    L = [[None] * K for _ in range(K)]
+    for i in range(K):
+        for j in range(i + 1):
+            t = G[:, i, j]                                                           # (N,)
+            for k in range(j):
+                t = t - L[i][k] * L[j][k]
+            L[i][j] = t.sqrt() if i == j else t / L[j][j]
+    return L
+
+
+def _small_solve(L: list[list[Tensor]], rhs: Tensor) -> Tensor:
+    """Solve Lᵀ c = rhs (back substitution, last row first) for c (N, K); rhs (N, K)."""
+    K = rhs.shape[-1]
+    c = [None] * K
+    for i in reversed(range(K)):
+        t = rhs[:, i]                                                                # (N,)
+        for k in range(i + 1, K):
+            t = t - L[k][i] * c[k]
+        c[i] = t / L[i][i]
+    return torch.stack(c, dim=-1)                                                    # (N, K)
+
+
+def _coefficients(G: Tensor, g: Tensor, orth: str) -> Tensor:
+    """Mixing coefficients c (N, K) with Σ_k g_k q_k = Σ_k c_k e_k, from the active experts' Gram
+    G (N, K, K) and their gates g (N, K), both in Gram–Schmidt order."""
+    K = g.shape[-1]
+    ridge = _ridge(G.diagonal(dim1=-2, dim2=-1).mean(-1))                            # (N,)
+    Gr = G + ridge[:, None, None] * torch.eye(K, dtype=G.dtype, device=G.device)     # (N, K, K)
+    if K <= SMALL_K:
+        L = _small_cholesky(Gr)
+        diag = torch.stack([L[i][i] for i in range(K)], dim=-1)                      # (N, K) = diag(R)
+        # orthonormal: Q = E R⁻¹, c = R⁻¹ g. orthogonal: residuals V = Q·diag(R), c = R⁻¹ (diag(R)·g).
+        return _small_solve(L, g if orth == "orthonormal" else g * diag)
+    L = torch.linalg.cholesky_ex(Gr).L                                               # (N, K, K), R = Lᵀ
+    rhs = g if orth == "orthonormal" else g * L.diagonal(dim1=-2, dim2=-1)
+    return torch.linalg.solve_triangular(L.mT, rhs[:, :, None], upper=True)[:, :, 0]  # (N, K)
+
+
 class OMoELinear(nn.Module):
     """A frozen nn.Linear (`base_layer`) plus E LoRA experts, a router and Gram–Schmidt (see the module docstring)."""
 
@@ -126,7 +204,8 @@ class OMoELinear(nn.Module):
         self.experts, self.rank, self.alpha, self.dropout = experts, rank, alpha, dropout
         self.top_k = experts if top_k is None else top_k
         self.scaling = alpha / rank
-        self.orth = "none" if experts == 1 else orth  # one expert: plain LoRA (nothing to orthogonalise)
+        # One expert: plain LoRA (nothing to orthogonalise), unless it is to be normalised.
+        self.orth = "none" if experts == 1 and orth != "normalized" else orth
         self.impl = "fast"                            # or "reference"
         self.target = None                            # the add_experts target that chose this layer
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -152,13 +231,16 @@ class OMoELinear(nn.Module):
     def route(self, x: Tensor):
         """x (N, D_in) -> probs (N, E) softmax, gates (N, E) renormalised top-k (0 elsewhere),
         active (N, E) bool, top (N, K) active expert indices in increasing (Gram–Schmidt) order."""
-        with torch.autocast(x.device.type, enabled=False):  # the router is always float32
-            logits = x.to(self.router.weight.dtype) @ self.router.weight.T          # (N, E)
-            probs = logits.softmax(dim=-1)                                           # (N, E)
+        probs = self._probs(x)                                                       # (N, E)
         top = probs.topk(self.top_k, dim=-1).indices.sort(dim=-1).values             # (N, K)
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top, True)    # (N, E)
         gates = torch.where(active, probs, 0.0)
         return probs, gates / gates.sum(-1, keepdim=True), active, top
+
+    def _probs(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the router is always float32
+            logits = x.to(self.router.weight.dtype) @ self.router.weight.T          # (N, E)
+            return logits.softmax(dim=-1)                                            # (N, E)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)                                                       # (..., D_out)
@@ -166,46 +248,76 @@ class OMoELinear(nn.Module):
         x = x.reshape(-1, shape[-1]).to(self.lora_A.dtype)                           # (N, D_in)
         h = self.lora_dropout(x) @ self.lora_A.flatten(0, 1).T                       # (N, E*R)
         h = h.view(x.shape[0], self.experts, self.rank)                             # (N, E, R)
-        if self.router is None:  # plain LoRA: y = base(x) + s·B(A(dropout(x)))
+        if self.router is None and self.orth == "none":  # plain LoRA: y = base(x) + s·B(A(dropout(x)))
             delta = self.scaling * (h[:, 0] @ self.lora_B[0].T)                      # (N, D_out)
         else:
-            probs, gates, active, top = self.route(x)
-            if self.top_k < self.experts:  # Switch-style balance: E·Σ_e f_e·P_e (1 when balanced)
-                f = active.float().mean(0) / self.top_k                              # (E,) token share
+            if self.router is None:  # normalised LoRA: one expert, gate 1
+                probs = gates = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+                active = top = None
+            elif self.top_k == self.experts:  # soft routing: every expert active, gates = probs
+                probs = gates = self._probs(x)                                       # (N, E)
+                active = top = None
+            else:
+                probs, gates, active, top = self.route(x)
+                f = active.float().mean(0) / self.top_k  # Switch-style balance: E·Σ_e f_e·P_e (1 when balanced)
                 self._balance_loss = self.experts * (f * probs.mean(0)).sum()
             if self._recorder is not None:
-                self._recorder.observe(self, h, probs, active)
+                self._recorder.observe(self, h, probs, torch.ones_like(probs, dtype=torch.bool)
+                                       if active is None else active)
             mix = self._mix_reference if self.impl == "reference" else self._mix_fast
-            delta = mix(h, gates, active, top)                                       # (N, D_out)
+            delta = mix(h, gates, top)                                               # (N, D_out)
         return y + delta.view(*shape[:-1], -1).to(y.dtype)
 
-    def _mix_reference(self, h, gates, active, top):
-        """Readable: every expert's output, Gram–Schmidt on the active ones, gate-weighted sum."""
+    def _mix_reference(self, h, gates, top):
+        """Readable: every expert's output, Gram–Schmidt on the active ones, gate-weighted sum.
+        top (N, K) the active experts in order, or None when all are active."""
         e = self.scaling * torch.einsum("ner,eor->neo", h, self.lora_B)              # (N, E, D_out)
-        e = e.gather(1, top[:, :, None].expand(-1, -1, e.shape[-1]))                 # (N, K, D_out)
-        g = gates.gather(1, top)                                                     # (N, K)
+        g = gates
+        if top is not None:
+            e = e.gather(1, top[:, :, None].expand(-1, -1, e.shape[-1]))             # (N, K, D_out)
+            g = gates.gather(1, top)                                                 # (N, K)
         if self.orth != "none":
             with torch.autocast(h.device.type, enabled=False):
                 e = e.to(gates.dtype)
                 ridge = _ridge(e.pow(2).sum(-1).mean(-1))                            # (N,)
-                e = gram_schmidt(e, normalize=self.orth == "orthonormal", eps=ridge)  # (N, K, D_out)
+                if self.orth == "normalized":  # what gram_schmidt does to its first vector, to each one
+                    e = e / (e.pow(2).sum(-1, keepdim=True) + ridge[:, None, None]).sqrt()
+                else:
+                    e = gram_schmidt(e, normalize=self.orth == "orthonormal", eps=ridge)  # (N, K, D_out)
         return torch.einsum("nk,nko->no", g.to(e.dtype), e)                          # (N, D_out)
 
-    def _mix_fast(self, h, gates, active, top):
+    def _mix_fast(self, h, gates, top):
         """Σ_k g_k q_k = Σ_i c_i e_i with per-token coefficients c (N, E): never builds (N, K, D_out)."""
         if self.orth == "none":
             c = gates                                                                # vanilla MoE-LoRA
         else:
             with torch.autocast(h.device.type, enabled=False):
                 hf, B = h.to(gates.dtype), self.lora_B.to(gates.dtype)
-                # G (N, E, E), recomputed in backward: autograd would otherwise keep an (N, E, E, R) product.
-                G = torch.utils.checkpoint.checkpoint(_expert_gram, hf, B, self.scaling, use_reentrant=False)
-                L = _cholesky(G, active)                                             # (N, E, E), R = Lᵀ
-                # orthonormal: Q = E R⁻¹, c = R⁻¹ g. orthogonal: residuals V = Q·diag(R), c = R⁻¹ (diag(R)·g).
-                rhs = gates if self.orth == "orthonormal" else gates * L.diagonal(dim1=-2, dim2=-1)
-                c = torch.linalg.solve_triangular(L.mT, rhs[:, :, None], upper=True)[:, :, 0]  # (N, E)
+                g = gates if top is None else gates.gather(1, top)                   # (N, K)
+                if self.orth == "normalized":  # the Gram's diagonal is all it needs
+                    sq = _expert_sq_lengths(hf, B, self.scaling)                     # (N, E)
+                    sq = sq if top is None else sq.gather(1, top)                    # (N, K)
+                    c = g / (sq + _ridge(sq.mean(-1))[:, None]).sqrt()               # (N, K)
+                else:
+                    G = self._gram(hf, B)                                            # (N, E, E)
+                    if top is not None:  # the active experts' block, in Gram–Schmidt order
+                        G = G.gather(1, top[:, :, None].expand(-1, -1, G.shape[-1]))  # (N, K, E)
+                        G = G.gather(2, top[:, None, :].expand(-1, top.shape[1], -1))  # (N, K, K)
+                    c = _coefficients(G, g, self.orth)                               # (N, K)
+                if top is not None:
+                    c = torch.zeros_like(gates).scatter(1, top, c)                   # (N, E)
         ch = c.to(h.dtype)[:, :, None] * h                                           # (N, E, R)
         return self.scaling * torch.einsum("ner,eor->no", ch, self.lora_B.to(h.dtype))  # (N, D_out)
+
+    def _gram(self, h: Tensor, B: Tensor) -> Tensor:
+        """_expert_gram, with what autograd would keep of it recomputed in backward where that pays:
+        B_iᵀ B_j always (a few MFLOP, while its einsum would keep two reshaped copies of B, E·D_out·R
+        numbers each), the (N, E, E, R) product when E²·R >= GRAM_CHECKPOINT_MIN."""
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        BtB = checkpoint(_block_products, B)                                         # (E, E, R, R)
+        if self.experts ** 2 * self.rank >= GRAM_CHECKPOINT_MIN:
+            return checkpoint(_gram_from_products, h, BtB, self.scaling)
+        return _gram_from_products(h, BtB, self.scaling)
 
     def extra_repr(self):
         return (f"experts={self.experts}, top_k={self.top_k}, rank={self.rank}, alpha={self.alpha}, "
@@ -377,7 +489,9 @@ class DiagnosticsRecorder:
     """Per routed layer, averages over the tokens seen while recording:
     load (E,) share of tokens for which each expert is active; prob (E,) mean router probability;
     entropy, mean router entropy in nats (log E is uniform); cos_before / cos_after, mean |cos| over
-    pairs of active experts of their outputs before and after orthogonalisation (from the Gram).
+    pairs of active experts of their outputs before and after orthogonalisation (from the Gram;
+    "normalized" only rescales, so its cosines after equal those before). Layers with one expert have
+    no router and no pairs, and are not recorded.
 
     Padding: set `recorder.mask` to the (B, T) attention mask before each forward; layers see the
     B·T tokens flattened in the same order and skip those where the mask is 0."""
@@ -385,6 +499,7 @@ class DiagnosticsRecorder:
     def __init__(self, names: dict):
         self.names, self.mask, self.sums = names, None, {}
 
+    @torch.compiler.disable  # host-side bookkeeping (boolean indexing, .cpu()): keep it out of compiled graphs
     @torch.no_grad()
     def observe(self, layer: OMoELinear, h: Tensor, probs: Tensor, active: Tensor):
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)             # (N,)
@@ -395,8 +510,8 @@ class DiagnosticsRecorder:
             keep = self.mask.reshape(-1).to(device=h.device, dtype=torch.bool)
         h, probs, active = h[keep].float(), probs[keep], active[keep]
         G = _expert_gram(h, layer.lora_B.float(), layer.scaling)                    # (N, E, E)
-        after = G
-        if layer.orth != "none":  # Gram of Q = E R⁻¹ is R⁻ᵀ G R⁻¹ = L⁻¹ G L⁻ᵀ (orthogonal: the same cosines)
+        after = G  # "none", and "normalized": scaling each output by a positive number leaves its cosines
+        if layer.orth in ("orthonormal", "orthogonal"):  # Gram of Q = E R⁻¹ is L⁻¹ G L⁻ᵀ (orthogonal: same cosines)
             L = _cholesky(G, active)
             X = torch.linalg.solve_triangular(L, G, upper=False)                     # L⁻¹ G
             after = torch.linalg.solve_triangular(L, X.mT, upper=False)              # L⁻¹ G L⁻ᵀ (symmetric)

@@ -5,8 +5,8 @@
                     --eval-data dataset/ --experts 2 --device cuda
     torchrun --nproc_per_node 4 train.py ...           # DistributedDataParallel, one process per GPU
 
-It reads top-down like a recipe: flags -> device and precision -> data -> model and experts ->
-optimizer and schedule -> resume -> evaluate, train, evaluate -> results.
+It reads top-down like a recipe: flags -> device and precision -> data -> model, its evaluation, experts ->
+optimizer and schedule -> resume -> train, evaluate -> results.
 """
 
 import argparse
@@ -82,8 +82,10 @@ def parse_args(argv=None):
     a("--dropout", type=float, help="dropout on the experts' input")
     a("--targets", default=",".join(omoe.TARGETS), help="comma-separated names of the linear layers to adapt")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
-      help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, or none (vanilla MoE-LoRA)")
-    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts)")
+      help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, normalized (each expert scaled to "
+           "unit length, no projections), or none (vanilla MoE-LoRA)")
+    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides --experts); "
+                                          "with --orth normalized, a normalised LoRA")
     a("--aux-loss-coef", type=float, default=0.0, help="weight of the load-balancing loss (top-k routing)")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -394,6 +396,14 @@ def run(args) -> int:
             print_table(None, results)
             write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results})
         return 0
+    omoe.check_targets(model, args.targets)  # the last input check: before any work
+    if main_process:
+        clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
+    before = None
+    if eval_sets and not args.skip_base_eval and not args.resume:  # a resumed run has it in its checkpoint
+        say("evaluating the base model ...")
+        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # before the experts are added
+        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
     try:
         omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
@@ -417,10 +427,8 @@ def run(args) -> int:
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
 
-    # ── resume, or evaluate the base model ──
-    start_step, before = 0, None
-    if main_process:
-        clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
+    # ── resume ──
+    start_step = 0
     if args.resume:
         omoe.load_adapters(model, ckpt["adapters"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -430,10 +438,6 @@ def run(args) -> int:
         if main_process:
             truncate_log(out / "log.jsonl", start_step)
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
-    elif eval_sets and not args.skip_base_eval:
-        say("evaluating the base model ...")
-        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
-        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)

@@ -8,6 +8,7 @@ model whose earlier layers are adapted) and the backward pass gets a fixed rando
   vanilla MoE-LoRA  OMoELinear(orth="none"): every expert computed densely, top-k by masking the gates
   OMoE reference    OMoELinear(orth="orthonormal"), impl="reference": Gram–Schmidt on (N, K, D_out)
   OMoE fast         OMoELinear(orth="orthonormal"), impl="fast": Gram matrix + Cholesky coefficients
+  normalised fast   OMoELinear(orth="normalized"), impl="fast": each expert scaled to unit length
 
   time   median over --repeats rounds after a warm-up round, the methods taking turns in each round
          (CUDA events on a GPU, perf_counter on CPU)
@@ -96,6 +97,7 @@ def main():
                         help="soft routing over all experts and/or top-2")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the (slow) OMoE reference")
     args = parser.parse_args()
     tokens = args.tokens or (512 if args.small else 2048)
     shapes = args.shapes or (["1024x1024", "1024x2752"] if args.small else ["4096x4096", "4096x11008"])
@@ -103,8 +105,8 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), "
           f"float32, {tokens} tokens, rank {args.rank}, forward + backward, median of {args.repeats} rounds")
-    print("| layer | E | routing | method | time ms | saved MiB | time / vanilla | saved / vanilla |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | E | routing | method | time ms | saved MiB | time / vanilla | saved / vanilla | time / LoRA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         d_in, d_out = map(int, shape.split("x"))
         torch.manual_seed(0)
@@ -117,7 +119,10 @@ def main():
                 layers = {"plain LoRA": make(base, 1, None, args.rank, "none", "fast"),
                           "vanilla MoE-LoRA": make(base, experts, top_k, args.rank, "none", "fast"),
                           "OMoE reference": make(base, experts, top_k, args.rank, "orthonormal", "reference"),
-                          "OMoE fast": make(base, experts, top_k, args.rank, "orthonormal", "fast")}
+                          "OMoE fast": make(base, experts, top_k, args.rank, "orthonormal", "fast"),
+                          "normalised fast": make(base, experts, top_k, args.rank, "normalized", "fast")}
+                if args.no_reference:
+                    del layers["OMoE reference"]
                 rows = compare(layers, x, gy, args.repeats)
                 del layers
                 if device.type == "cuda":
@@ -125,7 +130,7 @@ def main():
                 t0, b0 = rows["vanilla MoE-LoRA"]
                 for method, (t, b) in rows.items():
                     print(f"| {shape} | {experts} | {routing} | {method} | {1000 * t:.1f} | {b / 2**20:.1f} | "
-                          f"{t / t0:.2f} | {b / b0:.2f} |", flush=True)
+                          f"{t / t0:.2f} | {b / b0:.2f} | {t / rows['plain LoRA'][0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random model: a run, resume, DDP parity, divergence, and bad input."""
 
+import functools
 import json
 import os
 import signal
@@ -237,3 +238,37 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, task_dir, t
     assert "Traceback" not in stderr and "checkpoint saved to" in stdout
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert step >= 1 and not list(out.glob("*.tmp"))
+
+
+def test_base_model_is_evaluated_before_the_experts_are_added(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    adapted = []
+    evaluate_all = train.evaluate_all
+
+    def spy(model, *args):
+        adapted.append(any(isinstance(m, omoe.OMoELinear) for m in model.modules()))
+        return evaluate_all(model, *args)
+    monkeypatch.setattr(train, "evaluate_all", spy)
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 1, *QUICK) == 0
+    assert adapted == [False, True]  # before: the base model itself; after: with its experts
+
+
+def test_lora_with_orth_normalized_trains_a_normalised_lora(tiny_model_dir, task_dir, tmp_path):
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 2, "--lora",
+               "--orth", "normalized", *QUICK) == 0
+    config, state = omoe.load_adapter_files(tmp_path / "adapter")
+    assert config["experts"] == 1 and config["orth"] == "normalized"
+    assert not any(k.endswith("router.weight") for k in state)
+    fresh = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), **config)
+    assert all(m.orth == "normalized" and m.router is None for m in fresh.modules() if isinstance(m, omoe.OMoELinear))
+
+
+def test_compile_trains_to_the_eager_losses(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """--compile against eager, step by step. The aot_eager backend traces what inductor would compile
+    (Dynamo's graph, AOTAutograd's backward) without inductor's code generation, which takes minutes on
+    a small CPU; benchmarks/gpu_check.py runs the default backend on CUDA."""
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 3, "--skip-base-eval", *QUICK]
+    assert run(*common, "--out", tmp_path / "eager") == 0
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    assert run(*common, "--out", tmp_path / "compiled", "--compile") == 0
+    assert len(losses(tmp_path / "compiled")) == 3
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
