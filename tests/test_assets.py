@@ -52,8 +52,8 @@ def test_checkpoint_loads_and_knows_its_world():
 def test_tokenizer_round_trips_every_prompt():
     tok = data.Tokenizer(MODEL / "tokenizer.model")
     assert (tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.pad_id()) == (1, 2, 0, -1)
-    tasks = {split: data.load_tasks(WORLD, split) for split in ("train", "test")}
-    assert set(tasks["train"]) == set(tasks["test"]) == set(load_build().TASKS)
+    tasks = {split: data.load_tasks(WORLD, split) for split in ("train", "val", "test")}
+    assert set(tasks["train"]) == set(tasks["val"]) == set(tasks["test"]) == set(load_build().TASKS)
     for examples in (ex for split in tasks.values() for ex in split.values()):
         for ex in examples:
             text = data.prompt(ex) + ex.output
@@ -70,14 +70,20 @@ def test_generator_is_deterministic_and_matches_the_shipped_files():
     tasks = build.make_tasks(world, 0)
     assert tasks == build.make_tasks(build.make_world(0), 0)
     assert build.pretraining_text(world, 0, 50) == build.pretraining_text(world, 0, 50)
-    train_names, test_names = build.split_names(world, 0)
-    assert not set(train_names) & set(test_names)
+    fine_tuning, test_names = build.split_names(world, 0)
+    train_names, val_names = build.split_validation(fine_tuning, 0)
+    assert (len(train_names), len(val_names), len(test_names)) == (160, 32, 64)
+    assert sorted(train_names + val_names + test_names) == sorted(world)  # a partition of the creatures
     for task, splits in tasks.items():
+        assert set(splits) == {"train", "val", "test"}
         for split, records in splits.items():
             assert records == json.loads((WORLD / task / f"{split}.json").read_text()), (task, split)
-        # Held-out questions name no fine-tuning creature.
-        for r in splits["test"]:
-            assert not any(n in r["instruction"] for n in train_names), r["instruction"]
+        # Each split asks about its own creatures only: no wording of a held-out creature is trained on.
+        for split, own in (("train", train_names), ("val", val_names), ("test", test_names)):
+            others = set(world) - set(own)
+            for r in splits[split]:
+                assert any(n in r["instruction"] for n in own), r["instruction"]
+                assert not any(n in r["instruction"] for n in others), (split, r["instruction"])
 
 
 def test_build_is_deterministic(tmp_path):
@@ -89,7 +95,7 @@ def test_build_is_deterministic(tmp_path):
     finally:
         torch.set_num_threads(threads)  # the build pins one thread; the other tests use them all
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 2 * len(build.TASKS)  # tiny-llama/*, facts.json, <task>/{train,test}.json
+    assert len(files) == 3 + 1 + 3 * len(build.TASKS)  # tiny-llama/*, facts.json, <task>/{train,val,test}.json
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "world" / "facts.json").read_bytes() == (WORLD / "facts.json").read_bytes()
