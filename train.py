@@ -407,14 +407,13 @@ def run(args) -> int:
         set_rng_state(ckpt["rng"])
         start_step, before, val_before = ckpt["step"], ckpt["before"], ckpt.get("val_before")
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
-    elif (eval_sets or val_sets) and not args.skip_base_eval:
+    elif eval_sets and not args.skip_base_eval:
         say("evaluating the base model ...")
-        # B = 0: the base model exactly. None where there is no such data.
-        before, val_before = (evaluate_all(model, tokenizer, sets, args, autocast) if sets else None
-                              for sets in (eval_sets, val_sets))
-        for name, results in (("validation", val_before), ("test", before)):
-            if results:
-                say(f"base model {name} accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
+        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # B = 0: the base model exactly
+        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
+    if val_sets and not args.skip_base_eval and not args.resume:
+        val_before = evaluate_all(model, tokenizer, val_sets, args, autocast)
+        say("base model validation accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in val_before.items()))
 
     # ── the loop ──
     micro_steps = args.batch_size // (args.micro_batch_size * world)

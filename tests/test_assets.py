@@ -107,7 +107,7 @@ def test_short_default_run_beats_the_base_model(tmp_path, capsys):
     code = train.main(["--out", str(tmp_path), "--max-steps", "60", "--eval-limit", "48", "--log-every", "20"])
     assert code == 0
     printed = capsys.readouterr().out
-    for expected in ("base model accuracy: ", "chance   before    after", "|cos| before   after",
+    for expected in ("base model accuracy: ", "chance majority   before    after", "base model validation accuracy: ", "|cos| before   after",
                      f"adapters: {tmp_path / 'adapter'}   results: {tmp_path / 'results.json'}"):
         assert expected in printed
     results = json.loads((tmp_path / "results.json").read_text())
