@@ -248,6 +248,7 @@ class Study:
             _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{run.method} {run.name} failed, see {folder / 'stdout.txt'}")
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the adapters are saved apart; this is 3x their size
         result = json.loads((folder / "results.json").read_text())
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()] \
             if (folder / "log.jsonl").is_file() else []

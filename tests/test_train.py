@@ -287,3 +287,17 @@ def test_lora_targets_layout_and_default_targets():
     assert args.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     _, args = train.parse_args([])
     assert args.targets == list(omoe.TARGETS) and args.lora_targets == []
+
+
+def test_experts_beside_plain_lora_train_save_and_reload(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "layout"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 2,
+               "--lora-targets", "q_proj,v_proj", "--skip-base-eval", *QUICK) == 0
+    config, state = omoe.load_adapter_files(out / "adapter")
+    assert config["lora_targets"] == ["q_proj", "v_proj"] and "q_proj" not in config["targets"]
+    assert not any(k.endswith("q_proj.router.weight") for k in state) and any("up_proj.router" in k for k in state)
+    assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval", "--eval-only",
+               "--adapter", out / "adapter", "--eval-limit", 6) == 0
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())["after"]
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in after.items()}
