@@ -53,7 +53,8 @@ METHODS = {
     "normalised LoRA (1 expert)": ["--lora", "--orth", "normalized"],
     "vanilla MoE-LoRA soft-2": ["--experts", "2", "--orth", "none"],
     "vanilla top-2 of 8": ["--experts", "8", "--top-k", "2", "--orth", "none"],
-    "vanilla top-2 of 8 + balance loss": ["--experts", "8", "--top-k", "2", "--orth", "none", "--aux-loss-coef", "0.01"],
+    "vanilla top-2 of 8 + balance loss": ["--experts", "8", "--top-k", "2", "--orth", "none",
+                                          "--aux-loss-coef", "0.01"],
     "OMoE-2 orthonormal": ["--experts", "2"],
     "OMoE-2 orthogonal": ["--experts", "2", "--orth", "orthogonal"],
     "normalised only, 2 experts": ["--experts", "2", "--orth", "normalized"],
@@ -328,9 +329,9 @@ class Study:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "study"), help="folder for the records, the work folders and the results")
-    p.add_argument("--quick", action="store_true",
-                   help="every stage once, small: 4 methods, 3 rates, 60 steps, 32 questions per task (out: study/quick)")
+    p.add_argument("--out", default=str(ROOT / "study"), help="folder of the records, work folders and results")
+    p.add_argument("--quick", action="store_true", help="every stage once, small: 4 methods, 3 rates, 60 steps, "
+                                                        "32 questions per task (out: study/quick)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     args = p.parse_args(argv)

@@ -88,15 +88,19 @@ def markdown(summary: dict, s) -> str:
                    "within noise" if study.within_noise(m["test"], ref) else
                    "lower" if statistics.mean(m["test"]) < statistics.mean(ref) else "higher")
         lr = m["picked_lr"] + (" (edge)" if m["pick_at_edge"] else "")
-        steps = fmt(m["steps_to_90"]).replace(".000", "") if m["steps_to_90"] else "—"
+        steps = "—" if not m["steps_to_90"] else "{:.0f} ± {:.0f}".format(*study.mean_std(m["steps_to_90"])) \
+            if len(m["steps_to_90"]) > 1 else f"{m['steps_to_90'][0]}"
         seeds = "" if len(m["test"]) == n_seeds else f" ({len(m['test'])} seeds so far)"
-        lines.append(f"| {name} | {m['trainable']:,} | {lr} | {fmt(m['sweep'][m['picked_lr']])} | {fmt(m['test'])}{seeds} | "
-                     + " | ".join(f"{statistics.mean(m['test_tasks'][t]):.3f}" if m["test_tasks"] else "—" for t in tasks)
-                     + f" | {steps} | {verdict} |")
+        per_task = [f"{statistics.mean(m['test_tasks'][t]):.3f}" if m["test_tasks"] else "—" for t in tasks]
+        lines.append(f"| {name} | {m['trainable']:,} | {lr} | {fmt(m['sweep'][m['picked_lr']])} | "
+                     f"{fmt(m['test'])}{seeds} | " + " | ".join(per_task) + f" | {steps} | {verdict} |")
     lines += ["", "(edge): the picked rate is the sweep's smallest or largest; the best rate may lie outside it.",
               f"vs {study.REFERENCE}: the noise rule, a gap of more than twice the standard error of the difference.",
               "", f"### Validation accuracy over the learning-rate sweep (mean ± std over {len(s.sweep_seeds)} seeds; "
               "**bold**: the pick)", "", "| method | " + " | ".join(s.lrs) + " |", "|---|" + "---|" * len(s.lrs)]
+    val_baselines = {n: study.average(base["val"][n]) for n in ("chance", "majority") if base["val"][n]}
+    for name, value in val_baselines.items():  # the same at every rate: no model involved
+        lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in s.lrs) + " |")
     for name, m in methods.items():
         cells = [fmt(m["sweep"].get(lr, [])) for lr in s.lrs]
         cells = [f"**{c}**" if lr == m["picked_lr"] else c for lr, c in zip(s.lrs, cells)]
@@ -107,6 +111,8 @@ def markdown(summary: dict, s) -> str:
         lines += ["", "### Alpha at the picked rate (validation accuracy, mean ± std over seeds; alpha x 1 is the "
                   "sweep's)", "", "| method | " + " | ".join(f"alpha x {f:g}" for f in factors) + " | spread |",
                   "|---|" + "---|" * (len(factors) + 1)]
+        for name, value in val_baselines.items():
+            lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in factors) + " | |")
         for name, m in alpha_rows.items():
             means = [statistics.mean(m["alpha"][f]) for f in factors if m["alpha"].get(f)]
             lines.append(f"| {name} | " + " | ".join(fmt(m["alpha"].get(f, [])) for f in factors)

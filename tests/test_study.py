@@ -129,4 +129,5 @@ def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tm
     md = (tmp_path / "results.md").read_text()
     assert "| chance | | | 0.500 | 0.500 |" in md and "| majority | | | 0.600 | 0.550 |" in md
     assert "| A | 1,000 | 5e-3 (edge) | 0.800 | 0.700 ± 0.071 | 0.700 | 0.700 | 60 |" in md
+    assert "| majority | 0.600 | 0.600 |" in md  # the sweep's table too shows the baselines (validation)
     assert "0.99" not in md and (tmp_path / "lr.png").is_file()
