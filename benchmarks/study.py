@@ -12,8 +12,9 @@ The protocol, for every method (train.py's embedded recipe with the method's fla
               saved adapters evaluated with --eval-only), seeds 2-4 are new runs that also evaluate validation
               every EVAL_EVERY steps, for the step at which each reaches 90% of its final accuracy;
   4. alpha    for the normalised methods (and LoRA as the control) alpha x 1/4 and x 4 at the picked rate,
-              seeds 0 and 1, on validation: with unit-length expert outputs the update per token is the
-              gates' length whatever B and alpha are, once past the ridge, so alpha should not matter.
+              seeds 2 and 3, on validation, beside the final runs at alpha x 1: with unit-length expert
+              outputs the update per token is the gates' length whatever B and alpha are, once past the
+              ridge, so alpha should not matter.
 Test accuracy is reported only at the picked rate, as mean ± std over seeds, with the noise rule.
 
 Each run is `python train.py` in its own process of one thread (OMP_NUM_THREADS=1; --jobs of them at a
@@ -149,8 +150,14 @@ def plan(s: Settings) -> list[Run]:
         runs += [Run(m, "sweep", seed, lr) for lr in s.lrs for seed in s.sweep_seeds]
         runs += [Run(m, "retest" if seed in s.sweep_seeds else "final", seed, None) for seed in s.final_seeds]
         if m in s.alpha_methods:
-            runs += [Run(m, "alpha", seed, None, f) for f in s.alpha_factors for seed in s.sweep_seeds]
+            runs += [Run(m, "alpha", seed, None, f) for f in s.alpha_factors for seed in alpha_seeds(s)]
     return runs
+
+
+def alpha_seeds(s: Settings) -> tuple:
+    """The alpha check's seeds: the final stage's new ones (their runs at alpha x 1 are the comparison), not
+    the sweep's, whose validation accuracy at the picked rate is biased upwards by the pick itself."""
+    return tuple(seed for seed in s.final_seeds if seed not in s.sweep_seeds)[:2]
 
 
 def pick_lr(val_by_lr: dict[str, list[float]]) -> str:

@@ -63,7 +63,8 @@ def test_the_plan_meets_the_protocol(study):
         final = [r for r in runs if r.method == m and r.stage in ("final", "retest")]
         assert sorted(r.seed for r in final) == list(study.FINAL_SEEDS) and all(r.lr is None for r in final)
     alpha = [(r.alpha_factor, r.seed) for r in runs if r.stage == "alpha"]
-    assert {r.method for r in runs if r.stage == "alpha"} == {"B"} and len(alpha) == 2 * 2
+    assert {r.method for r in runs if r.stage == "alpha"} == {"B"}
+    assert sorted(alpha) == [(f, seed) for f in study.ALPHA_FACTORS for seed in (2, 3)]  # not the sweep's seeds
     assert len({(r.method, r.name) for r in runs}) == len(runs)  # every run has its own record
 
 
@@ -98,12 +99,12 @@ def test_resume_runs_only_what_has_no_record_and_picks_from_validation(study, tm
     assert final.lr == "5e-3" and final.name == "final-lr5e-3-seed1"
     assert s.flags(final)[-2:] == ["--eval-every", "20"] and "--skip-test-eval" not in s.flags(final)
     assert "--skip-test-eval" in s.flags(study.Run("A", "sweep", 0, "1e-3"))  # the sweep never sees the test
-    assert s.flags(s.resolve(study.Run("A", "alpha", 0, None, 4.0)))[-3:-1] == ["--alpha", "64"]  # 16 x 4
+    assert s.flags(s.resolve(study.Run("A", "alpha", 1, None, 4.0)))[-3:-1] == ["--alpha", "64"]  # 16 x 4
 
     executed = []
     s.execute = lambda run: (executed.append(run.name), fake_record(study, tmp_path, run, 0.7, 0.65))
     s.run_all(runs, jobs=2, on_record=lambda: None)
-    assert sorted(executed) == ["alpha-lr5e-3-alpha4x-seed0", "final-lr5e-3-seed1", "retest-lr5e-3-seed0"]
+    assert sorted(executed) == ["alpha-lr5e-3-alpha4x-seed1", "final-lr5e-3-seed1", "retest-lr5e-3-seed0"]
     executed.clear()
     s.run_all(runs, jobs=2, on_record=lambda: None)  # everything recorded: nothing runs again
     assert executed == [] and s.estimate(runs, 2) == 0
@@ -125,7 +126,7 @@ def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tm
     summary = study_report.write(tmp_path, SETTINGS(study))
     m = summary["methods"]["A"]
     assert m["picked_lr"] == "5e-3" and m["pick_at_edge"] and m["test"] == [0.75, 0.65]
-    assert m["steps_to_90"] == [60] and m["alpha"] == {1.0: [0.8]}
+    assert m["steps_to_90"] == [60] and m["alpha"] == {1.0: [0.7]}  # x 1: the new final run's validation
     md = (tmp_path / "results.md").read_text()
     assert "| chance | | | 0.500 | 0.500 |" in md and "| majority | | | 0.600 | 0.550 |" in md
     assert "| A | 1,000 | 5e-3 (edge) | 0.800 | 0.700 ± 0.071 | 0.700 | 0.700 | 60 |" in md
