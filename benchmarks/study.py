@@ -4,9 +4,10 @@
     python benchmarks/study.py             # the full study (about 3 hours on a quiet 2-core CPU, --jobs 2)
     python benchmarks/study.py --quick     # every stage once, small: about 10 minutes
 
-The protocol, for every method (train.py's embedded recipe with the method's flags):
+The protocol, for every method (train.py's embedded recipe with the method's flags, on assets/world-val:
+the embedded tasks with 32 of the 192 fine-tuning creatures held out of training as validation):
   1. sweep    each learning rate of LRS (40x from end to end), seeds 0 and 1, evaluated on validation only
-              (questions about training creatures held out of training; the test is not looked at);
+              (the test is not looked at);
   2. pick     the rate with the best mean validation accuracy;
   3. final    seeds 0-4 at the picked rate, evaluated on the test: seeds 0 and 1 are the sweep's runs (their
               saved adapters evaluated with --eval-only), seeds 2-4 are new runs that also evaluate validation
@@ -64,6 +65,7 @@ METHODS = {
     "OMoE top-2 of 8": ["--experts", "8", "--top-k", "2"],
 }
 REFERENCE = "OMoE-2 orthonormal"  # the noise rule compares every method with it
+DATA = ROOT / "assets" / "world-val"  # the embedded tasks with validation: <task>/{train,val,test}.json
 ALPHA_METHODS = ("OMoE-2 orthonormal", "normalised only, 2 experts", "normalised LoRA (1 expert)", "LoRA r=16")
 LRS = ("5e-4", "1e-3", "2e-3", "5e-3", "1e-2", "2e-2")
 SWEEP_SEEDS, FINAL_SEEDS, ALPHA_FACTORS, EVAL_EVERY = (0, 1), (0, 1, 2, 3, 4), (0.25, 4.0), 24
@@ -110,6 +112,13 @@ def methods() -> dict[str, list[str]]:
         print("study.py: omoe.py has no orth='normalized' yet: the normalised methods are left out")
         out = {k: v for k, v in out.items() if "normalized" not in v}
     return out
+
+
+def portable(path: Path) -> str:
+    """A path for a run's flags, relative to the repository (where runs start) when inside it, so that
+    the records read the same in any checkout of it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # ── The plan: every run, its flags and what it waits for ──────────────────────────────────────────
@@ -222,8 +231,10 @@ class Study:
         work = self.work / study_report.slug(run.method)
         if run.stage == "retest":  # the sweep run's saved adapters, on the test (and validation again)
             sweep_dir = work / Run(run.method, "sweep", run.seed, run.lr).name
-            return ["--eval-only", "--adapter", str(sweep_dir / "adapter"), *self.s.eval_flags]
-        flags = [*method, *self.s.train_flags, *self.s.eval_flags, "--lr", run.lr, "--seed", str(run.seed),
+            return ["--eval-only", "--adapter", portable(sweep_dir / "adapter"), "--data", portable(DATA),
+                    *self.s.eval_flags]
+        flags = [*method, "--data", portable(DATA), *self.s.train_flags, *self.s.eval_flags, "--lr", run.lr,
+                 "--seed", str(run.seed),
                  "--save-every", "1000000", "--log-every", "40"]
         first_new = next((s for s in self.s.final_seeds if s not in self.s.sweep_seeds), None)
         if not (run.stage == "final" and run.method == next(iter(self.s.methods)) and run.seed == first_new):
@@ -241,7 +252,7 @@ class Study:
     def execute(self, run: Run) -> dict:
         """One train.py process of one thread -> its record (written last: a run without one is not done)."""
         flags, folder = self.flags(run), self.work / study_report.slug(run.method) / run.name
-        if run.stage == "retest" and not (Path(flags[2]) / "adapter_config.json").is_file():
+        if run.stage == "retest" and not (ROOT / flags[2] / "adapter_config.json").is_file():
             # The sweep's adapters are not kept in the repository: without them, train that run again.
             sweep = Run(run.method, "sweep", run.seed, run.lr)
             flags = [f for f in self.flags(sweep) if f != "--skip-test-eval"]

@@ -13,7 +13,7 @@ import train
 from model import Transformer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODEL, WORLD = ASSETS / "tiny-llama", ASSETS / "world"
+MODEL, WORLD, WORLD_VAL = ASSETS / "tiny-llama", ASSETS / "world", ASSETS / "world-val"
 
 
 def load_build():
@@ -52,7 +52,8 @@ def test_checkpoint_loads_and_knows_its_world():
 def test_tokenizer_round_trips_every_prompt():
     tok = data.Tokenizer(MODEL / "tokenizer.model")
     assert (tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.pad_id()) == (1, 2, 0, -1)
-    tasks = {split: data.load_tasks(WORLD, split) for split in ("train", "val", "test")}
+    tasks = {split: data.load_tasks(WORLD, split) for split in ("train", "test")}
+    tasks["val"] = data.load_tasks(WORLD_VAL, "val")
     assert set(tasks["train"]) == set(tasks["val"]) == set(tasks["test"]) == set(load_build().TASKS)
     for examples in (ex for split in tasks.values() for ex in split.values()):
         for ex in examples:
@@ -70,15 +71,32 @@ def test_generator_is_deterministic_and_matches_the_shipped_files():
     tasks = build.make_tasks(world, 0)
     assert tasks == build.make_tasks(build.make_world(0), 0)
     assert build.pretraining_text(world, 0, 50) == build.pretraining_text(world, 0, 50)
+    train_names, test_names = build.split_names(world, 0)
+    assert not set(train_names) & set(test_names)
+    for task, splits in tasks.items():
+        for split, records in splits.items():
+            assert records == json.loads((WORLD / task / f"{split}.json").read_text()), (task, split)
+        # Held-out questions name no fine-tuning creature.
+        for r in splits["test"]:
+            assert not any(n in r["instruction"] for n in train_names), r["instruction"]
+
+
+def test_validation_folder_splits_the_fine_tuning_creatures():
+    """assets/world-val: the same test, and 32 of the fine-tuning creatures moved from train to val, so that
+    no wording of a validation creature is trained on; the generator writes exactly the shipped files."""
+    build = load_build()
+    world = build.make_world(0)
     fine_tuning, test_names = build.split_names(world, 0)
     train_names, val_names = build.split_validation(fine_tuning, 0)
     assert (len(train_names), len(val_names), len(test_names)) == (160, 32, 64)
-    assert sorted(train_names + val_names + test_names) == sorted(world)  # a partition of the creatures
+    assert sorted(train_names + val_names) == fine_tuning  # a partition of the fine-tuning creatures
+    tasks = build.make_validation_tasks(world, 0)
+    assert tasks == build.make_validation_tasks(build.make_world(0), 0)
     for task, splits in tasks.items():
         assert set(splits) == {"train", "val", "test"}
+        assert splits["test"] == build.make_tasks(world, 0)[task]["test"]
         for split, records in splits.items():
-            assert records == json.loads((WORLD / task / f"{split}.json").read_text()), (task, split)
-        # Each split asks about its own creatures only: no wording of a held-out creature is trained on.
+            assert records == json.loads((WORLD_VAL / task / f"{split}.json").read_text()), (task, split)
         for split, own in (("train", train_names), ("val", val_names), ("test", test_names)):
             others = set(world) - set(own)
             for r in splits[split]:
@@ -95,7 +113,7 @@ def test_build_is_deterministic(tmp_path):
     finally:
         torch.set_num_threads(threads)  # the build pins one thread; the other tests use them all
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 3 * len(build.TASKS)  # tiny-llama/*, facts.json, <task>/{train,val,test}.json
+    assert len(files) == 3 + 1 + 5 * len(build.TASKS)  # tiny-llama/*, facts.json, world/ and world-val/ tasks
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "world" / "facts.json").read_bytes() == (WORLD / "facts.json").read_bytes()
@@ -107,7 +125,7 @@ def test_short_default_run_beats_the_base_model(tmp_path, capsys):
     code = train.main(["--out", str(tmp_path), "--max-steps", "60", "--eval-limit", "48", "--log-every", "20"])
     assert code == 0
     printed = capsys.readouterr().out
-    for expected in ("base model accuracy: ", "chance majority   before    after", "base model validation accuracy: ", "|cos| before   after",
+    for expected in ("base model accuracy: ", "chance majority   before    after", "|cos| before   after",
                      f"adapters: {tmp_path / 'adapter'}   results: {tmp_path / 'results.json'}"):
         assert expected in printed
     results = json.loads((tmp_path / "results.json").read_text())
