@@ -79,7 +79,7 @@ def parse_args(argv=None):
     a("--dropout", type=float, help="dropout on the experts' input")
     a("--targets", default=None, help="comma-separated names of the linear layers that get experts "
                                       f"(default: {','.join(omoe.TARGETS)}, less those of --lora-targets)")
-    a("--lora-targets", default="", help="comma-separated names of linear layers that get plain LoRA (one expert of "
+    a("--lora-targets", default=None, help="comma-separated names of linear layers that get plain LoRA (one expert of "
                                          "the same rank, no router) beside the experts, e.g. q_proj,k_proj,v_proj,"
                                          "o_proj with --targets gate_proj,up_proj,down_proj as MixLoRA lays them out")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     for failed, message in checks:
         if failed:
             p.error(message)
-    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    args.lora_targets = [t for t in (args.lora_targets or "").split(",") if t]
     args.targets = ([t for t in args.targets.split(",") if t] if args.targets is not None
                     else [t for t in omoe.TARGETS if t not in args.lora_targets])
     return p, args
