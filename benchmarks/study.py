@@ -74,9 +74,10 @@ QUICK = dict(methods=("LoRA r=16", "vanilla MoE-LoRA soft-2", "OMoE-2 orthonorma
              alpha_methods=("normalised only, 2 experts",), eval_every=20,
              train_flags=["--max-steps", "60"], eval_flags=["--eval-limit", "32"])
 
-# Seconds of one sweep run on one thread of a quiet 2-core CPU, measured for OMoE-2 (94 s of CPU time,
-# 120 steps and the validation evaluation), scaled by each method's step time relative to LoRA r=16
-# (measured by the previous study). --plan uses the records' own times where there are any.
+# Seconds of one sweep run of LoRA r=16 on one thread: an OMoE-2 sweep run (120 steps and the validation
+# evaluation) took 94 s of CPU time on a shared 2-core machine, and OMoE-2's step took 1.88x LoRA's in the
+# previous study, whose step-time ratios scale the other methods (those of the two normalised methods are
+# guesses, between LoRA's and OMoE-2's). --plan uses the records' own times wherever there are any.
 UNIT_SECONDS = 50.0
 RELATIVE_COST = {"LoRA r=16": 1.0, MATCHED: 0.97, "normalised LoRA (1 expert)": 1.05, "vanilla MoE-LoRA soft-2": 1.18,
                  "vanilla top-2 of 8": 1.56, "vanilla top-2 of 8 + balance loss": 1.64, "OMoE-2 orthonormal": 1.88,
