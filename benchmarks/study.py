@@ -378,9 +378,14 @@ def main(argv=None) -> None:
         print(f"\n{len(runs)} runs; estimated {left / 3600:.1f} h ({left / 60:.0f} min) for those left, "
               f"{args.jobs} at a time")
         return
-    write = lambda: study_report.write(out, settings, study)  # noqa: E731
+    def write():  # a failing report must not stop hours of runs: their records are what counts
+        try:
+            study_report.write(out, settings, study)
+        except Exception as e:  # noqa: BLE001
+            log(f"writing the report failed ({type(e).__name__}: {e}); the runs go on")
+
     study.run_all(runs, args.jobs, write)
-    write()
+    study_report.write(out, settings, study)
     log(f"wrote {out / 'results.md'}")
 
 

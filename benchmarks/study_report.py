@@ -39,8 +39,8 @@ def summarise(method: str, rs: list[dict], s) -> dict:
         "seeds": [r["seed"] for r in final],
         "steps_to_90": [study.steps_to_fraction(c) for c in curves],
         "final_val": [c[-1][1] for c in curves],
-        "alpha": {**({1.0: [study.average(r["val"]) for r in final if r["stage"] == "final"]} if pick else {}),
-                  **{f: v for f, v in alpha.items() if v}},
+        "alpha": {f: v for f, v in {1.0: [study.average(r["val"]) for r in final if r["stage"] == "final"],
+                                    **alpha}.items() if v},
         "cos_before": {b: statistics.mean(d[b]["cos_before"] for d in diag) for b in blocks},
         "sweep_run_seconds": [r["wall_seconds"] for r in rs if r["stage"] == "sweep"],
         "sweep_run_cpu_seconds": [r["cpu_seconds"] for r in rs if r["stage"] == "sweep"],
@@ -116,8 +116,8 @@ def markdown(summary: dict, s) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in factors) + " | |")
         for name, m in alpha_rows.items():
             means = [statistics.mean(m["alpha"][f]) for f in factors if m["alpha"].get(f)]
-            lines.append(f"| {name} | " + " | ".join(fmt(m["alpha"].get(f, [])) for f in factors)
-                         + f" | {max(means) - min(means):.3f} |")
+            spread = f"{max(means) - min(means):.3f}" if len(means) > 1 else ""
+            lines.append(f"| {name} | " + " | ".join(fmt(m["alpha"].get(f, [])) for f in factors) + f" | {spread} |")
     routed = {n: m for n, m in methods.items() if m["cos_before"]}
     if routed:
         blocks = sorted(next(iter(routed.values()))["cos_before"], key=int)

@@ -121,10 +121,10 @@ def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tm
     for lr, val in (("1e-3", 0.6), ("5e-3", 0.8)):
         fake_record(study, tmp_path, study.Run("A", "sweep", 0, lr), val)
     fake_record(study, tmp_path, study.Run("A", "retest", 0, "5e-3"), 0.8, 0.75)
-    fake_record(study, tmp_path, study.Run("A", "final", 1, "5e-3"), 0.7, 0.65)
     fake_record(study, tmp_path, study.Run("A", "final", 1, "1e-3"), 0.9, 0.99)  # not at the pick: never shown
-    summary = study_report.write(tmp_path, SETTINGS(study))
-    m = summary["methods"]["A"]
+    assert study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]["alpha"] == {}  # no new run at the pick yet
+    fake_record(study, tmp_path, study.Run("A", "final", 1, "5e-3"), 0.7, 0.65)
+    m = study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]
     assert m["picked_lr"] == "5e-3" and m["pick_at_edge"] and m["test"] == [0.75, 0.65]
     assert m["steps_to_90"] == [60] and m["alpha"] == {1.0: [0.7]}  # x 1: the new final run's validation
     md = (tmp_path / "results.md").read_text()
