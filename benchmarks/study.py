@@ -2,7 +2,7 @@
 
     python benchmarks/study.py --plan      # the runs and the estimated time, without running anything
     python benchmarks/study.py             # the full study (about 3 hours on a quiet 2-core CPU, --jobs 2)
-    python benchmarks/study.py --quick     # every stage once, small: about 10 minutes
+    python benchmarks/study.py --quick     # every stage once, small: 21 runs, about 6 minutes
 
 The protocol, for every method (train.py's embedded recipe with the method's flags, on assets/world-val:
 the embedded tasks with 32 of the 192 fine-tuning creatures held out of training as validation):
