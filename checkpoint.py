@@ -4,7 +4,7 @@
                     with a SHA-256 of every entry, verified before a resume uses it
     log.jsonl       one JSON line per logged step; a resume first cuts it back to the checkpoint's step
     results.json    written atomically at the end
-    adapter/        adapter_model.safetensors (per-tensor checksums, see weights.py) + adapter_config.json
+    adapter/        adapter_config.json + the adapter weights (per-tensor checksums, see weights.py)
 
 An --out that holds any of these is a run: a new run into it needs --resume or --overwrite, and
 --overwrite deletes nothing until every input was checked.
@@ -46,13 +46,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before,
-                    fingerprint: str) -> None:
+                    fingerprint: str, val_before=None) -> None:
     """Everything a resumed run needs, in one file written atomically (write_atomically),
     so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
     every entry let a resume tell a damaged file from a good one."""
     state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "step": step, "args": vars(args), "before": before, "data_fingerprint": fingerprint,
+             "rng": rng_state(), "step": step, "args": vars(args), "before": before, "val_before": val_before,
+             "data_fingerprint": fingerprint,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
     state["checksums"] = checksums(state)

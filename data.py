@@ -9,6 +9,7 @@ Legend: B = batch, T = sequence length, V = vocabulary, N = scored (response) po
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,8 +35,9 @@ class Example:
     task: str = ""
 
 
-# Training needs the text to learn; evaluation needs the gold label (its candidates are checked apart).
-REQUIRED = {"train": ("instruction", "output"), "test": ("instruction", "answer")}
+# Training needs the text to learn; evaluation (validation or test) needs the gold label (its candidates
+# are checked apart).
+REQUIRED = {"train": ("instruction", "output"), "val": ("instruction", "answer"), "test": ("instruction", "answer")}
 ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
 
@@ -53,7 +55,7 @@ def _json_type(value) -> str:
 def read_records(path: Path, split: str = "train", task: str = "") -> list[Example]:
     """One LLM-Adapters file (a JSON list of records) -> examples, or a DataError naming what is wrong."""
     if split not in REQUIRED:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -78,7 +80,7 @@ def read_records(path: Path, split: str = "train", task: str = "") -> list[Examp
             if r.get(key) is not None and not isinstance(r[key], str):
                 raise DataError(f"{where}: {key!r} is {_json_type(r[key])}, expected a string")
         candidates = parse_candidates(r["instruction"])
-        if split == "test" and not candidates:
+        if split != "train" and not candidates:
             raise DataError(f"{where}: its instruction does not end with 'Answer format: a/b/...', "
                             f"so there are no candidates to score")
         answer = r.get("answer") or ""
@@ -92,15 +94,15 @@ def read_records(path: Path, split: str = "train", task: str = "") -> list[Examp
 def load_tasks(path, split: str = "train") -> dict[str, list[Example]]:
     """LLM-Adapters data -> {task name: examples}.
 
-    path is one JSON file (one task, named after its folder if the file is train.json/test.json,
+    path is one JSON file (one task, named after its folder if the file is train/val/test.json,
     else after the file, e.g. commonsense_170k), a task folder holding <split>.json, or a folder
     of tasks laid out as <task>/<split>.json. For split "train" every record needs 'instruction'
-    and 'output'; for "test", 'instruction' and 'answer' and an 'Answer format:' line."""
+    and 'output'; for "val" and "test", 'instruction' and 'answer' and an 'Answer format:' line."""
     path = Path(path)
     if path.is_dir() and (path / f"{split}.json").is_file():
         path = path / f"{split}.json"
     if path.is_file():
-        task = path.parent.name if path.stem in ("train", "test") else path.stem
+        task = path.parent.name if path.stem in REQUIRED else path.stem
         return {task: read_records(path, split, task)}
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
@@ -108,6 +110,39 @@ def load_tasks(path, split: str = "train") -> dict[str, list[Example]]:
     if not files:
         raise DataError(f"{path}: no {split} data (looked for {path / split}.json and {path}/<task>/{split}.json)")
     return {f.parent.name: read_records(f, split, f.parent.name) for f in files}
+
+
+def has_split(path, split: str) -> bool:
+    """Whether load_tasks(path, split) finds files: <path>/<split>.json or <path>/<task>/<split>.json."""
+    path = Path(path)
+    return path.is_dir() and ((path / f"{split}.json").is_file() or any(path.glob(f"*/{split}.json")))
+
+
+def hold_out(tasks: dict[str, list[Example]], fraction: float,
+             seed: int = 0) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """Training tasks -> (what is left to train on, a held-out validation slice of each task).
+
+    The slice is round(fraction * n) examples of each task drawn by a seeded shuffle of its indices
+    (fixed by the seed and the task name alone, so every run with other training seeds holds out the
+    same examples); both parts keep the file's order. Each held-out example must be scorable: an
+    'answer' among the candidates of its 'Answer format:' line."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    kept, held = {}, {}
+    for task, examples in tasks.items():
+        order = list(range(len(examples)))
+        random.Random(f"validation:{seed}:{task}").shuffle(order)
+        chosen = set(order[:round(fraction * len(examples))])
+        if not chosen or len(chosen) == len(examples):
+            raise DataError(f"task {task!r}: a validation fraction of {fraction} of its {len(examples)} examples "
+                            f"leaves {'no validation' if not chosen else 'nothing to train on'}")
+        for i in sorted(chosen):
+            if not examples[i].candidates or examples[i].answer not in examples[i].candidates:
+                raise DataError(f"task {task!r}: training example {i} has no 'answer' among the candidates of an "
+                                f"'Answer format:' line, so it cannot be held out for validation")
+        kept[task] = [ex for i, ex in enumerate(examples) if i not in chosen]
+        held[task] = [ex for i, ex in enumerate(examples) if i in chosen]
+    return kept, held
 
 
 # ── The prompt ─────────────────────────────────────────────────────────────────────────────────
@@ -307,10 +342,19 @@ def generate_answers(model, tok: Tokenizer, examples: list[Example], batch_size:
     return texts
 
 
+def baselines(examples: list[Example]) -> dict:
+    """The accuracies to beat, from the gold labels alone: "chance", answering uniformly at random
+    (the mean of 1 / number of candidates), and "majority", always answering the most frequent gold
+    label of these examples. Test labels are rarely balanced, so majority is often well above chance."""
+    counts = Counter(ex.answer for ex in examples)
+    return {"chance": sum(1 / len(ex.candidates) for ex in examples) / len(examples),
+            "majority": max(counts.values()) / len(examples)}
+
+
 def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
              max_new_tokens: int = 32) -> dict:
-    """Accuracy on one task -> {"accuracy", "correct", "n", "chance"}, plus "no_label" in generate mode
-    (answers in which no label was found; they count as wrong).
+    """Accuracy on one task -> {"accuracy", "correct", "n", "chance", "majority"} (see baselines), plus
+    "no_label" in generate mode (answers in which no label was found; they count as wrong).
 
     The model is put in eval mode (no dropout) and given back in the mode it came in. Gradients are
     off through torch.no_grad rather than inference_mode, whose tensors could not be reused in
@@ -334,8 +378,7 @@ def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likeli
     finally:
         model.train(was_training)
     correct = sum(p == ex.answer for p, ex in zip(predictions, examples))
-    result = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples),
-              "chance": sum(1 / len(ex.candidates) for ex in examples) / len(examples)}
+    result = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples), **baselines(examples)}
     if mode == "generate":
         result["no_label"] = sum(p is None for p in predictions)
     return result

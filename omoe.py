@@ -208,6 +208,7 @@ class OMoELinear(nn.Module):
         self.orth = "none" if experts == 1 and orth != "normalized" else orth
         self.impl = "fast"                            # or "reference"
         self.target = None                            # the add_experts target that chose this layer
+        self.role = "experts"                         # or "lora": plain LoRA beside experts (add_experts)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters are kept in float32 (float64 for a float64 base) even beside a bf16 base, like PEFT.
         w = base_layer.weight
@@ -341,28 +342,45 @@ def _adapted(model: nn.Module) -> dict[str, OMoELinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, OMoELinear)}
 
 
-def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
-                orth="orthonormal") -> nn.Module:
-    """Replace every nn.Linear whose name is, or ends with ".<target>", by an OMoELinear; freeze the rest.
-
-    Call it after the base weights are loaded. experts=1 is plain LoRA (orth is then recorded as "none")."""
-    _check_args(experts, top_k, rank, dropout, orth)
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if _adapted(model):
-        raise ValueError("model already has experts: call add_experts once, on a freshly loaded model")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+def check_targets(model: nn.Module, targets=TARGETS, lora_targets=()) -> dict[str, tuple[str, str]]:
+    """{layer name: (target, "experts" or "lora")} for every nn.Linear that a target names (the layer's
+    name is the target, or ends with ".<target>"); a target naming none, or a layer named by both lists,
+    is a ValueError. add_experts calls it; a caller can too, to refuse bad targets before any work."""
+    targets, lora_targets = (tuple([t] if isinstance(t, str) else t) for t in (targets, lora_targets))
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = {}
-    for t in targets:
+    for t, role in [(t, "experts") for t in targets] + [(t, "lora") for t in lora_targets]:
         hits = [name for name in linears if name == t or name.endswith("." + t)]
         if not hits:
             leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
             raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers are named "
                              f"{', '.join(leaves) or '(none)'}")
-        chosen.update(dict.fromkeys(hits, t))
-    for name, t in chosen.items():
+        both = [name for name in hits if chosen.get(name, (None, role))[1] != role]
+        if both:
+            raise ValueError(f"lora target {t!r} names layers that targets also name ({both[0]}, ...): "
+                             "a layer gets experts or plain LoRA, not both")
+        chosen.update(dict.fromkeys(hits, (t, role)))
+    return chosen
+
+
+def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
+                orth="orthonormal", lora_targets=()) -> nn.Module:
+    """Replace every nn.Linear whose name is, or ends with ".<target>", by an OMoELinear; freeze the rest.
+
+    Call it after the base weights are loaded. experts=1 is plain LoRA (with orth="normalized": a normalised LoRA).
+    The layers of lora_targets get plain LoRA instead (one expert of the same rank, alpha and dropout, no
+    router): layouts with experts on some projections and LoRA on the others, such as MixLoRA's experts on
+    gate/up/down_proj and LoRA on the attention projections."""
+    _check_args(experts, top_k, rank, dropout, orth)
+    if _adapted(model):
+        raise ValueError("model already has experts: call add_experts once, on a freshly loaded model")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = check_targets(model, targets, lora_targets)
+    for name, (t, role) in chosen.items():
         parent, _, leaf = name.rpartition(".")
-        layer = OMoELinear(linears[name], experts, top_k, rank, alpha, dropout, orth)
-        layer.target = t
+        layer = (OMoELinear(linears[name], experts, top_k, rank, alpha, dropout, orth) if role == "experts" else
+                 OMoELinear(linears[name], 1, None, rank, alpha, dropout, "none"))
+        layer.target, layer.role = t, role
         setattr(model.get_submodule(parent), leaf, layer)
     mark_only_adapters_trainable(model)
     return model
@@ -383,15 +401,24 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_config(model: nn.Module) -> dict:
-    """The add_experts arguments that rebuild this model's adapter layout: add_experts(model, **config)."""
-    configs = [dict(experts=m.experts, top_k=None if m.top_k == m.experts else m.top_k, rank=m.rank,
-                    alpha=m.alpha, dropout=m.dropout, orth=m.orth) for m in _adapted(model).values()]
-    if not configs:
+    """The add_experts arguments that rebuild this model's adapter layout: add_experts(model, **config).
+    A plain dict; "lora_targets" appears only when some layers have plain LoRA beside the experts."""
+    def settings(m):
+        return dict(experts=m.experts, top_k=None if m.top_k == m.experts else m.top_k, rank=m.rank,
+                    alpha=m.alpha, dropout=m.dropout, orth=m.orth)
+
+    layers = list(_adapted(model).values())
+    if not layers:
         raise ValueError("model has no experts: call add_experts first")
-    if any(c != configs[0] for c in configs):
+    experts, lora = ([m for m in layers if m.role == role] for role in ("experts", "lora"))
+    configs = [settings(m) for m in experts] or [settings(lora[0])]
+    plain = {**configs[0], "experts": 1, "top_k": None, "orth": "none"}
+    if any(c != configs[0] for c in configs) or any(settings(m) != plain for m in lora):
         raise ValueError("adapted layers have different settings; one adapter config cannot describe them")
-    targets = list(dict.fromkeys(m.target for m in _adapted(model).values()))
-    return {"targets": targets, **configs[0]}
+    config = {"targets": list(dict.fromkeys(m.target for m in experts)), **configs[0]}
+    if lora:
+        config["lora_targets"] = list(dict.fromkeys(m.target for m in lora))
+    return config
 
 
 def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -31,10 +31,10 @@ from model import Transformer, check_memory, load_config
 from weights import resolve_hf_cache
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
-RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "orth",
-                     "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
+RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets", "lora_targets",
+                     "orth", "lora", "aux_loss_coef", "dtype", "batch_size", "lr", "weight_decay", "epochs",
                      "max_steps", "warmup", "schedule", "grad_clip", "cutoff_len", "train_on_prompt",
-                     "seed", "train_limit")
+                     "seed", "train_limit", "val_fraction")
 MAX_NEW_TOKENS = 32  # generated per answer in --eval-mode generate
 
 
@@ -75,12 +75,22 @@ def parse_args(argv=None):
                                    "(without --model: the embedded tasks of assets/world)")
     a("--eval-data", default=None, help="evaluation data: a JSON file or a folder of <task>/test.json "
                                         "(default: the test files beside --data, when it is a folder)")
+    a("--val-data", default=None, help="validation data, for choosing settings (the test never is): a JSON file or "
+                                       "a folder of <task>/val.json (default: the val files beside --data, when "
+                                       "it is a folder holding them)")
+    a("--val-fraction", type=float, default=None,
+      help="hold out this fraction of each training task as validation, by a fixed seeded draw (for training "
+           "data without val files, e.g. commonsense_170k.json); replaces the default --val-data")
     a("--experts", type=int, default=2, help="LoRA experts per adapted layer")
     a("--top-k", type=int, default=None, help="active experts per token (default: all = soft routing)")
     a("--rank", type=int, help="LoRA rank r of each expert")
     a("--alpha", type=float, help="LoRA alpha; experts are scaled by alpha / rank")
     a("--dropout", type=float, help="dropout on the experts' input")
-    a("--targets", default=",".join(omoe.TARGETS), help="comma-separated names of the linear layers to adapt")
+    a("--targets", default=None, help="comma-separated names of the linear layers that get experts "
+                                      f"(default: {','.join(omoe.TARGETS)}, less those of --lora-targets)")
+    a("--lora-targets", default=None, help="comma-separated names of linear layers that get plain LoRA (one expert of "
+                                         "the same rank, no router) beside the experts, e.g. q_proj,k_proj,v_proj,"
+                                         "o_proj with --targets gate_proj,up_proj,down_proj as MixLoRA lays them out")
     a("--orth", choices=omoe.ORTH_MODES, default="orthonormal",
       help="Gram-Schmidt across experts: orthonormal (OMoE), orthogonal, normalized (each expert scaled to "
            "unit length, no projections), or none (vanilla MoE-LoRA)")
@@ -108,7 +118,10 @@ def parse_args(argv=None):
     a("--eval-batch-size", type=int, help="examples per evaluation batch")
     a("--skip-base-eval", action="store_true",
       help="do not evaluate the base model first (e.g. when many runs share it)")
-    a("--eval-every", type=int, default=0, help="also evaluate every N steps (0 = only before and after)")
+    a("--skip-test-eval", action="store_true",
+      help="evaluate on validation only, never on the test (e.g. while choosing a setting)")
+    a("--eval-every", type=int, default=0, help="also evaluate every N steps, on validation if there is any, "
+                                                "else on the test (0 = only before and after)")
     a("--log-every", type=int, help="log loss, router load and expert similarity every N steps")
     a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
@@ -128,7 +141,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.lora:
         args.experts, args.top_k = 1, None
-    args.targets = [t for t in args.targets.split(",") if t]
+    args.lora_targets = [t for t in (args.lora_targets or "").split(",") if t]
+    args.targets = ([t for t in args.targets.split(",") if t] if args.targets is not None
+                    else [t for t in omoe.TARGETS if t not in args.lora_targets])
     validate_args(p, args)
     return p, args
 
@@ -164,6 +179,9 @@ def validate_args(p, args) -> None:
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue the run, or replace it"),
         (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
+        (args.val_fraction is not None and not 0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
+        (args.val_fraction is not None and args.val_data is not None, "give --val-data or --val-fraction, not both"),
+        (args.val_fraction is not None and args.eval_only, "--val-fraction splits training data: not with --eval-only"),
     ]
     for failed, message in checks:
         if failed:
@@ -306,12 +324,26 @@ def load_adapter(directory) -> tuple[dict, dict]:
         raise UsageError(f"--adapter {directory}: {e}") from None
 
 
-def print_table(before: dict | None, after: dict) -> None:
-    print(f"\n{'task':<16}{'n':>6}{'chance':>9}{'before':>9}{'after':>9}")
+def print_table(before: dict | None, after: dict, title: str = "test") -> None:
+    """Accuracy per task before and after training, beside the two baselines that need no model:
+    uniform chance and always answering the most frequent label (see data.baselines)."""
+    print(f"\n{title}\n{'task':<16}{'n':>6}{'chance':>9}{'majority':>9}{'before':>9}{'after':>9}")
     for task, r in after.items():
         b = f"{before[task]['accuracy']:9.3f}" if before else f"{'-':>9}"
         extra = f"   (no label in {r['no_label']} answers)" if "no_label" in r else ""
-        print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{b}{r['accuracy']:9.3f}{extra}")
+        print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{r['majority']:9.3f}{b}{r['accuracy']:9.3f}{extra}")
+
+
+VAL_TITLE = "validation (held out of training, for choosing settings; the test is for reporting them)"
+
+
+def load_validation(args) -> dict:
+    """The validation tasks of --val-data, or of the val files beside --data (--val-fraction is applied to
+    the training data later): for choosing settings, kept apart from the test."""
+    path = args.val_data
+    if path is None and args.val_fraction is None and args.data and data.has_split(args.data, "val"):
+        path = args.data
+    return {t: ex[:args.eval_limit] for t, ex in data.load_tasks(path, "val").items()} if path else {}
 
 
 def print_diversity(stats: dict) -> None:
@@ -365,11 +397,18 @@ def run(args) -> int:
         raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")
     if eval_path is None:
         say("no --eval-data (and --data is not a folder with test files): training without evaluation")
+    if args.skip_test_eval:
+        eval_path = None
     eval_sets = {t: ex[:args.eval_limit] for t, ex in data.load_tasks(eval_path, "test").items()} if eval_path else {}
+    val_sets = load_validation(args)
     if not args.eval_only:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
-        train_examples = [ex for task in data.load_tasks(args.data, "train").values() for ex in task[:args.train_limit]]
+        train_tasks = data.load_tasks(args.data, "train")
+        if args.val_fraction:
+            train_tasks, held_out = data.hold_out(train_tasks, args.val_fraction)
+            val_sets = {t: ex[:args.eval_limit] for t, ex in held_out.items()}
+        train_examples = [ex for task in train_tasks.values() for ex in task[:args.train_limit]]
         fingerprint, ckpt_path = data_fingerprint(train_examples), out / "checkpoint.pt"
         if args.resume:
             ckpt = load_checkpoint(ckpt_path)
@@ -392,24 +431,32 @@ def run(args) -> int:
         except (TypeError, ValueError) as e:
             raise UsageError(f"--adapter {args.adapter}: {e}") from None
         results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
+        val_results = evaluate_all(model, tokenizer, val_sets, args, autocast)
         if main_process:
-            print_table(None, results)
-            write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results})
+            if val_results:
+                print_table(None, val_results, VAL_TITLE)
+            if results:
+                print_table(None, results)
+            write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results,
+                                              "val_after": val_results})
         return 0
-    omoe.check_targets(model, args.targets)  # the last input check: before any work
+    try:  # the last input check, before any work
+        omoe.check_targets(model, args.targets, args.lora_targets)
+    except ValueError as e:
+        raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
     if main_process:
         clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
-    before = None
-    if eval_sets and not args.skip_base_eval and not args.resume:  # a resumed run has it in its checkpoint
+    before = val_before = None  # a resumed run has them in its checkpoint
+    if eval_sets and not args.skip_base_eval and not args.resume:
         say("evaluating the base model ...")
         before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # before the experts are added
         say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
+    if val_sets and not args.skip_base_eval and not args.resume:
+        val_before = evaluate_all(model, tokenizer, val_sets, args, autocast)
+        say("base model validation accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in val_before.items()))
     torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
-    try:
-        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                         alpha=args.alpha, dropout=args.dropout, orth=args.orth)
-    except ValueError as e:  # a target that names no layer
-        raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
+    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
+                     alpha=args.alpha, dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
     if main_process:
         trainable, total = omoe.print_trainable_parameters(model)
     model.gradient_checkpointing = args.grad_checkpoint
@@ -434,7 +481,7 @@ def run(args) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        start_step, before = ckpt["step"], ckpt["before"]
+        start_step, before, val_before = ckpt["step"], ckpt["before"], ckpt.get("val_before")
         if main_process:
             truncate_log(out / "log.jsonl", start_step)
         say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
@@ -496,20 +543,21 @@ def run(args) -> int:
             append_log(out, entry)
             last_stats = entry["experts"]
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
-        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and eval_sets
+        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and (val_sets or eval_sets)
         stop = all_sum(float(interrupt.requested), device) > 0
         save = stop or done % args.save_every == 0 or done == total_steps
         if evaluate or save:
             check_finite_adapters(model, f"step {done}")
         if evaluate:
-            results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
+            key, watched = ("val", val_sets) if val_sets else ("eval", eval_sets)  # validation when there is one
+            results = evaluate_all(model, tokenizer, watched, args, autocast)
             if main_process:
-                append_log(out, {"step": done, "eval": results})
+                append_log(out, {"step": done, key: results})
                 bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
         if save:
             if main_process:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before,
-                                fingerprint)
+                                fingerprint, val_before)
         if stop:
             say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
                 f"command and --resume.")
@@ -520,18 +568,23 @@ def run(args) -> int:
 
     # ── evaluate, save, report ──
     after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
+    val_after = evaluate_all(model, tokenizer, val_sets, args, autocast) if val_sets else {}
     if main_process:
         try:
             omoe.save_adapters(model, out / "adapter", base_model=str(model_dir))
         except OSError as e:
             raise SaveError(f"could not write the adapters to {out / 'adapter'} ({e.strerror or e}); "
                             f"{ckpt_path} holds them: --resume evaluates and saves them again") from None
-        print_table(before, after)
+        if val_after:
+            print_table(val_before, val_after, VAL_TITLE)
+        if after:
+            print_table(before, after)
         if last_stats:
             print_diversity(last_stats)
         write_json(out / "results.json", {"config": vars(args), "trainable_params": trainable,
                                           "total_params": total, "steps": total_steps,
-                                          "train_seconds": train_time, "before": before, "after": after})
+                                          "train_seconds": train_time, "before": before, "after": after,
+                                          "val_before": val_before, "val_after": val_after})
         print(f"\nadapters: {out / 'adapter'}   results: {out / 'results.json'}   log: {out / 'log.jsonl'}")
     return 0
 

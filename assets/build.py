@@ -1,7 +1,8 @@
 """Build the embedded default from scratch: a miniature commonsense world, a tiny LLaMA that knows it,
 and six fine-tuning tasks about it in the LLM-Adapters format.
 
-    python assets/build.py            # from the repository root; rewrites assets/tiny-llama and assets/world
+    python assets/build.py               # from the repository root; rewrites assets/tiny-llama, world, world-val
+    python assets/build.py --world-only  # rewrites the two task folders alone (the model does not depend on them)
 
 Everything follows from one seed (--seed, default 0): the world, the text, the tokenizer, the model.
 On one CPU thread the build took 13 minutes on a shared 2-core machine, almost all of it pretraining (3000 steps).
@@ -14,7 +15,9 @@ So the base model knows every fact and how to pick a numbered choice, but has ne
 instruction wording nor its labels ("the correct answer is ending2").
 
 Fine-tuning questions ask about three quarters of the creatures; the held-out test questions ask
-about the others, whose facts only the pretraining text holds. Fine-tuning must teach the format
+about the others, whose facts only the pretraining text holds (assets/world). assets/world-val holds the
+same tasks with 32 of the fine-tuning creatures moved to validation questions, for choosing settings such
+as the learning rate without looking at the test. Fine-tuning must teach the format
 and how to reach the fact from it: a miniature of why parameter-efficient fine-tuning works on a
 pretrained LLaMA. The six tasks copy the answer formats of the commonsense benchmarks:
     yes_no       true/false         (like boolq)                 can <name> swim?
@@ -80,6 +83,18 @@ def split_names(world: dict, seed: int = 0, test_fraction: float = 0.25) -> tupl
     random.Random(f"split:{seed}").shuffle(names)
     n_test = round(len(names) * test_fraction)
     return sorted(names[n_test:]), sorted(names[:n_test])
+
+
+def split_validation(train_names: list[str], seed: int = 0, n_val: int = 32) -> tuple[list[str], list[str]]:
+    """Fine-tuning creatures -> (those trained on, those asked about in validation).
+
+    Validation is for choosing settings (a learning rate, a step count) and the test is for reporting
+    them: validation questions ask about creatures held out of training, like the test's, but about
+    different ones, so nothing chosen on validation has seen a test creature. Only the tasks depend on
+    this split; the pretraining text covers every creature and never depended on it."""
+    names = list(train_names)
+    random.Random(f"validation:{seed}").shuffle(names)
+    return sorted(names[n_val:]), sorted(names[:n_val])
 
 
 # ── Pretraining text ───────────────────────────────────────────────────────────────────────────
@@ -223,6 +238,21 @@ def make_tasks(world: dict, seed: int = 0, per_name: int = 2) -> dict:
     return out
 
 
+def make_validation_tasks(world: dict, seed: int = 0, per_name: int = 2) -> dict:
+    """The tasks of make_tasks with validation, for assets/world-val: {task: {"train", "val", "test"}}.
+
+    The same test; 32 of the fine-tuning creatures move from train to val, so that no wording of a
+    validation creature is trained on. (assets/world keeps all of them for training: the default run.)"""
+    fine_tuning, test_names = split_names(world, seed)
+    train_names, val_names = split_validation(fine_tuning, seed)
+    tasks, rng = make_tasks(world, seed, per_name), random.Random(f"validation-tasks:{seed}")
+    for task in TASKS:
+        tasks[task]["train"] = [task_question(task, world, n, v) for n in train_names for v in range(per_name)]
+        tasks[task]["val"] = [task_question(task, world, n, v) for n in val_names for v in range(per_name)]
+        rng.shuffle(tasks[task]["train"])
+    return tasks
+
+
 # ── Tokenizer and model ────────────────────────────────────────────────────────────────────────
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
@@ -294,18 +324,24 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vocab", type=int, default=768, help="tokenizer vocabulary size")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the result is reproducible for a given count)")
+    p.add_argument("--world-only", action="store_true",
+                   help="write world/ and world-val/ alone: the facts and the tasks (the tokenizer and model depend "
+                        "on the facts, not on how the tasks split the creatures)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start, out = time.time(), Path(args.out)
 
     world = make_world(args.seed)
-    tasks = make_tasks(world, args.seed)
-    for task, splits in tasks.items():
-        for split, records in splits.items():
-            (out / "world" / task).mkdir(parents=True, exist_ok=True)
-            (out / "world" / task / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
+    for folder, tasks in (("world", make_tasks(world, args.seed)), ("world-val", make_validation_tasks(world, args.seed))):
+        for task, splits in tasks.items():
+            (out / folder / task).mkdir(parents=True, exist_ok=True)
+            for split, records in splits.items():
+                (out / folder / task / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / "world" / "facts.json").write_text(json.dumps(world, indent=1) + "\n")
+    if args.world_only:
+        print(f"wrote {out / 'world'} and {out / 'world-val'} in {time.time() - start:.0f} s")
+        return
 
     # The tokenizer learns its pieces from the pretraining text, as LLaMA's did: words that only the
     # fine-tuning prompts use are spelled with pieces whose embeddings pretraining has trained.

@@ -13,7 +13,7 @@ import train
 from model import Transformer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODEL, WORLD = ASSETS / "tiny-llama", ASSETS / "world"
+MODEL, WORLD, WORLD_VAL = ASSETS / "tiny-llama", ASSETS / "world", ASSETS / "world-val"
 
 
 def load_build():
@@ -53,7 +53,8 @@ def test_tokenizer_round_trips_every_prompt():
     tok = data.Tokenizer(MODEL / "tokenizer.model")
     assert (tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.pad_id()) == (1, 2, 0, -1)
     tasks = {split: data.load_tasks(WORLD, split) for split in ("train", "test")}
-    assert set(tasks["train"]) == set(tasks["test"]) == set(load_build().TASKS)
+    tasks["val"] = data.load_tasks(WORLD_VAL, "val")
+    assert set(tasks["train"]) == set(tasks["val"]) == set(tasks["test"]) == set(load_build().TASKS)
     for examples in (ex for split in tasks.values() for ex in split.values()):
         for ex in examples:
             text = data.prompt(ex) + ex.output
@@ -80,6 +81,29 @@ def test_generator_is_deterministic_and_matches_the_shipped_files():
             assert not any(n in r["instruction"] for n in train_names), r["instruction"]
 
 
+def test_validation_folder_splits_the_fine_tuning_creatures():
+    """assets/world-val: the same test, and 32 of the fine-tuning creatures moved from train to val, so that
+    no wording of a validation creature is trained on; the generator writes exactly the shipped files."""
+    build = load_build()
+    world = build.make_world(0)
+    fine_tuning, test_names = build.split_names(world, 0)
+    train_names, val_names = build.split_validation(fine_tuning, 0)
+    assert (len(train_names), len(val_names), len(test_names)) == (160, 32, 64)
+    assert sorted(train_names + val_names) == fine_tuning  # a partition of the fine-tuning creatures
+    tasks = build.make_validation_tasks(world, 0)
+    assert tasks == build.make_validation_tasks(build.make_world(0), 0)
+    for task, splits in tasks.items():
+        assert set(splits) == {"train", "val", "test"}
+        assert splits["test"] == build.make_tasks(world, 0)[task]["test"]
+        for split, records in splits.items():
+            assert records == json.loads((WORLD_VAL / task / f"{split}.json").read_text()), (task, split)
+        for split, own in (("train", train_names), ("val", val_names), ("test", test_names)):
+            others = set(world) - set(own)
+            for r in splits[split]:
+                assert any(n in r["instruction"] for n in own), r["instruction"]
+                assert not any(n in r["instruction"] for n in others), (split, r["instruction"])
+
+
 def test_build_is_deterministic(tmp_path):
     """Two short builds with the same seed write the same bytes: tokenizer, weights, tasks."""
     build, threads = load_build(), torch.get_num_threads()
@@ -89,7 +113,7 @@ def test_build_is_deterministic(tmp_path):
     finally:
         torch.set_num_threads(threads)  # the build pins one thread; the other tests use them all
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 2 * len(build.TASKS)  # tiny-llama/*, facts.json, <task>/{train,test}.json
+    assert len(files) == 3 + 1 + 5 * len(build.TASKS)  # tiny-llama/*, facts.json, world/ and world-val/ tasks
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "world" / "facts.json").read_bytes() == (WORLD / "facts.json").read_bytes()
@@ -101,7 +125,7 @@ def test_short_default_run_beats_the_base_model(tmp_path, capsys):
     code = train.main(["--out", str(tmp_path), "--max-steps", "60", "--eval-limit", "48", "--log-every", "20"])
     assert code == 0
     printed = capsys.readouterr().out
-    for expected in ("base model accuracy: ", "chance   before    after", "|cos| before   after",
+    for expected in ("base model accuracy: ", "chance majority   before    after", "|cos| before   after",
                      f"adapters: {tmp_path / 'adapter'}   results: {tmp_path / 'results.json'}"):
         assert expected in printed
     results = json.loads((tmp_path / "results.json").read_text())

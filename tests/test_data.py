@@ -308,7 +308,8 @@ def test_likelihood_picks_the_rigged_answer_in_any_batch_size(tok):
     oracle.train()
     for batch_size in (1, 3, 64):
         result = data.evaluate(oracle, tok, examples, "likelihood", batch_size=batch_size)
-        assert result == {"accuracy": 1.0, "correct": 7, "n": 7, "chance": pytest.approx((3 / 3 + 3 / 2 + 1 / 5) / 7)}
+        assert result == {"accuracy": 1.0, "correct": 7, "n": 7, "chance": pytest.approx((3 / 3 + 3 / 2 + 1 / 5) / 7),
+                          "majority": 2 / 7}  # answer1 is the gold label twice
     assert oracle.training and not any(oracle.seen_training)  # eval inside, training mode given back
     # Rigged towards each first candidate (right only for examples 2, 3 and 6), it follows.
     contrarian = Oracle(gold_sequences(tok, examples, lambda e: e.candidates[0]), tok.vocab_size)
@@ -352,9 +353,34 @@ def test_generate_mode_extracts_first_label_and_counts_answers_without_one(tok):
                          "Short?": "the correct answer is answer3"})  # "answer1" after EOS must not count
     result = data.evaluate(model, tok, examples, "generate", batch_size=2)
     assert result == {"accuracy": 1 / 3, "correct": 1, "n": 3, "chance": pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3),
-                      "no_label": 1}
+                      "majority": 1 / 3, "no_label": 1}
     with pytest.raises(ValueError, match="eval mode must be 'likelihood' or 'generate', got 'beam'"):
         data.evaluate(model, tok, examples, "beam")
+
+
+def test_baselines_chance_and_majority():
+    examples = [ex(label) for label in ("answer1", "answer1", "answer1", "answer2")]
+    assert data.baselines(examples) == {"chance": pytest.approx(1 / 3), "majority": 3 / 4}
+    # The majority label answers every question it is the gold of: its accuracy is the label's share.
+    assert data.baselines([ex("answer3")]) == {"chance": pytest.approx(1 / 3), "majority": 1.0}
+
+
+def test_hold_out_is_seeded_by_task_and_disjoint():
+    tasks = {"a": [ex(f"answer{1 + i % 3}", f"Q{i}?\n\nAnswer format: answer1/answer2/answer3") for i in range(20)],
+             "b": [ex("answer1", f"R{i}?\n\nAnswer format: answer1/answer2/answer3") for i in range(10)]}
+    kept, held = data.hold_out(tasks, 0.2)
+    assert {t: len(v) for t, v in held.items()} == {"a": 4, "b": 2}
+    for t in tasks:
+        assert sorted(map(id, kept[t] + held[t])) == sorted(map(id, tasks[t]))   # a partition of each task
+        assert kept[t] == [e for e in tasks[t] if e in kept[t]]                   # in the file's order
+    assert data.hold_out(tasks, 0.2) == (kept, held)                              # the same every time
+    assert data.hold_out(tasks, 0.2, seed=1)[1] != held
+    with pytest.raises(data.DataError, match="task 'a': a validation fraction of 0.01 of its 20 examples leaves "
+                                             "no validation"):
+        data.hold_out(tasks, 0.01)
+    unscorable = {"c": [Example("No format line.", "the correct answer is x", "x")] * 4}
+    with pytest.raises(data.DataError, match="task 'c': training example [0-9] has no 'answer' among the candidates"):
+        data.hold_out(unscorable, 0.5)
 
 
 # ── Evaluation on a tiny random model.Transformer ──────────────────────────────────────────────

@@ -368,6 +368,39 @@ def test_single_expert_config_records_plain_lora():
     assert not any(n.endswith("router.weight") for n in omoe.adapter_state_dict(model))
 
 
+def test_experts_beside_plain_lora_layout_round_trips(tmp_path):
+    """Experts on the MLP, plain LoRA on attention (MixLoRA's layout): the config records both groups, and
+    add_experts(**config) plus load_adapters rebuild the same model."""
+    model = randomised(omoe.add_experts(Tiny(), targets=("up_proj", "down_proj"), experts=3, top_k=2, rank=2,
+                                        lora_targets=("q_proj", "v_proj")))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, OMoELinear)}
+    for n, m in layers.items():
+        assert (m.experts, m.router is None, m.orth) == ((1, True, "none") if "self_attn" in n else
+                                                         (3, False, "orthonormal")), n
+    config = omoe.adapter_config(model)
+    assert config == dict(targets=["up_proj", "down_proj"], experts=3, top_k=2, rank=2, alpha=32, dropout=0.05,
+                          orth="orthonormal", lora_targets=["q_proj", "v_proj"])
+    assert json.loads(json.dumps(config)) == config  # a plain JSON-able dict
+    omoe.save_adapters(model, tmp_path)
+    config, state = omoe.load_adapter_files(tmp_path)
+    other = omoe.add_experts(Tiny(), **config)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if k not in state}, strict=False)
+    omoe.load_adapters(other, state)
+    model.eval(), other.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+    assert omoe.adapter_config(other) == omoe.adapter_config(model)
+
+
+def test_a_layer_gets_experts_or_lora_not_both():
+    model = Tiny()
+    with pytest.raises(ValueError) as err:
+        omoe.add_experts(model, targets=("q_proj", "up_proj"), lora_targets=("self_attn.q_proj",))
+    assert str(err.value) == ("lora target 'self_attn.q_proj' names layers that targets also name "
+                              "(layers.0.self_attn.q_proj, ...): a layer gets experts or plain LoRA, not both")
+    assert not any(isinstance(m, OMoELinear) for m in model.modules())
+
+
 # --- adapters I/O -------------------------------------------------------------------------------
 
 def randomised(model):

@@ -1,18 +1,23 @@
-"""benchmarks/study.py's bookkeeping: the parameter-matched LoRA rank and the noise rule (the runs
-themselves are train.py's, tested in test_train.py and test_assets.py)."""
+"""benchmarks/study.py's bookkeeping: the plan, the learning-rate pick, the noise rule, the matched rank,
+the 90% step, resuming from records and the report (the runs themselves are train.py's, tested in
+test_train.py and test_assets.py). Nothing here trains a model."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
-STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", STUDY)
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # study_report imports it by name
     spec.loader.exec_module(module)
     return module
 
@@ -33,3 +38,97 @@ def test_within_noise(study):
     assert not study.within_noise([0.50, 0.51, 0.52], [0.90, 0.91, 0.92])
     # A large gap with a large spread is still noise under the two-sigma rule.
     assert study.within_noise([0.4, 0.9, 0.6], [0.9, 0.92, 0.91])
+
+
+def test_pick_lr_by_mean_validation_smaller_on_ties(study):
+    assert study.pick_lr({"1e-3": [0.5, 0.7], "2e-3": [0.9, 0.2], "5e-3": [0.6, 0.61]}) == "5e-3"
+    assert study.pick_lr({"5e-3": [0.6, 0.6], "1e-3": [0.7, 0.5]}) == "1e-3"  # equal means: the smaller rate
+
+
+def test_steps_to_ninety_percent_of_final(study):
+    assert study.steps_to_fraction([[24, 0.30], [48, 0.79], [72, 0.85], [120, 0.88]]) == 72  # 0.79 < 0.9 x 0.88
+    assert study.steps_to_fraction([[24, 0.30], [48, 0.80], [120, 0.88]]) == 48               # 0.80 >= 0.792
+    assert study.steps_to_fraction([[24, 0.9], [120, 0.6]]) == 24   # above 90% of a lower final: counts
+    assert study.steps_to_fraction([[120, 0.5]]) == 120
+
+
+def test_the_plan_meets_the_protocol(study):
+    s = study.Settings({"A": ["--lora"], "B": ["--experts", "2"]}, alpha_methods=("B",))
+    runs = study.plan(s)
+    assert len(study.LRS) >= 6 and float(study.LRS[-1]) / float(study.LRS[0]) >= 40
+    assert len(study.SWEEP_SEEDS) >= 2 and len(study.FINAL_SEEDS) >= 5
+    for m in "AB":
+        sweep = [r for r in runs if r.method == m and r.stage == "sweep"]
+        assert sorted((r.lr, r.seed) for r in sweep) == sorted((lr, s) for lr in study.LRS for s in study.SWEEP_SEEDS)
+        final = [r for r in runs if r.method == m and r.stage in ("final", "retest")]
+        assert sorted(r.seed for r in final) == list(study.FINAL_SEEDS) and all(r.lr is None for r in final)
+    alpha = [(r.alpha_factor, r.seed) for r in runs if r.stage == "alpha"]
+    assert {r.method for r in runs if r.stage == "alpha"} == {"B"}
+    assert sorted(alpha) == [(f, seed) for f in study.ALPHA_FACTORS for seed in (2, 3)]  # not the sweep's seeds
+    assert len({(r.method, r.name) for r in runs}) == len(runs)  # every run has its own record
+
+
+def fake_record(study, tmp_path, run, val, test=None):
+    path = study.Study(tmp_path, SETTINGS(study)).record_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tasks = {"t1": val, "t2": val}
+    s = study.Study(tmp_path, SETTINGS(study))
+    path.write_text(json.dumps({
+        "method": run.method, "stage": run.stage, "seed": run.seed, "lr": run.lr, "alpha_factor": run.alpha_factor,
+        "flags": s.flags(run), "val": tasks, "test": {"t1": test, "t2": test} if test is not None else None,
+        "base": {"val": None, "test": None},
+        "baselines": {"val": {t: {"chance": 0.5, "majority": 0.6} for t in tasks},
+                      "test": {t: {"chance": 0.5, "majority": 0.55} for t in tasks} if test is not None else {}},
+        "val_curve": [[20, val / 2], [60, val]] if run.stage == "final" else [], "diagnostics": {},
+        "trainable": 1000, "wall_seconds": 10.0, "cpu_seconds": 9.0, "peak_rss_mib": 1.0}))
+
+
+def SETTINGS(study):
+    return study.Settings({"A": ["--lora"]}, lrs=("1e-3", "5e-3"), sweep_seeds=(0,), final_seeds=(0, 1),
+                          alpha_factors=(4.0,), alpha_methods=("A",), eval_every=20, train_flags=["--max-steps", "60"])
+
+
+def test_resume_runs_only_what_has_no_record_and_picks_from_validation(study, tmp_path):
+    s = study.Study(tmp_path, SETTINGS(study))
+    runs = study.plan(SETTINGS(study))
+    assert all(s.resolve(r) is None for r in runs if r.lr is None)  # no sweep yet: no pick
+    fake_record(study, tmp_path, study.Run("A", "sweep", 0, "1e-3"), 0.6)
+    assert s.resolve(study.Run("A", "final", 1, None)) is None       # half a sweep: still no pick
+    fake_record(study, tmp_path, study.Run("A", "sweep", 0, "5e-3"), 0.8)
+    final = s.resolve(study.Run("A", "final", 1, None))
+    assert final.lr == "5e-3" and final.name == "final-lr5e-3-seed1"
+    assert s.flags(final)[-2:] == ["--eval-every", "20"] and "--skip-test-eval" not in s.flags(final)
+    assert "--skip-test-eval" in s.flags(study.Run("A", "sweep", 0, "1e-3"))  # the sweep never sees the test
+    assert s.flags(s.resolve(study.Run("A", "alpha", 1, None, 4.0)))[-3:-1] == ["--alpha", "64"]  # 16 x 4
+
+    executed = []
+    s.execute = lambda run: (executed.append(run.name), fake_record(study, tmp_path, run, 0.7, 0.65))
+    s.run_all(runs, jobs=2, on_record=lambda: None)
+    assert sorted(executed) == ["alpha-lr5e-3-alpha4x-seed1", "final-lr5e-3-seed1", "retest-lr5e-3-seed0"]
+    executed.clear()
+    s.run_all(runs, jobs=2, on_record=lambda: None)  # everything recorded: nothing runs again
+    assert executed == [] and s.estimate(runs, 2) == 0
+
+    # A record whose flags differ from what this study would run is refused, not mixed in.
+    changed = study.Settings({"A": ["--lora", "--rank", "4"]}, **{k: v for k, v in vars(SETTINGS(study)).items()
+                                                                   if k != "methods"})
+    with pytest.raises(SystemExit, match="was made with other flags"):
+        study.Study(tmp_path, changed).check_records(study.plan(changed))
+
+
+def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tmp_path):
+    import study_report
+    for lr, val in (("1e-3", 0.6), ("5e-3", 0.8)):
+        fake_record(study, tmp_path, study.Run("A", "sweep", 0, lr), val)
+    fake_record(study, tmp_path, study.Run("A", "retest", 0, "5e-3"), 0.8, 0.75)
+    fake_record(study, tmp_path, study.Run("A", "final", 1, "1e-3"), 0.9, 0.99)  # not at the pick: never shown
+    assert study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]["alpha"] == {}  # no new run at the pick yet
+    fake_record(study, tmp_path, study.Run("A", "final", 1, "5e-3"), 0.7, 0.65)
+    m = study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]
+    assert m["picked_lr"] == "5e-3" and m["pick_at_edge"] and m["test"] == [0.75, 0.65]
+    assert m["steps_to_90"] == [60] and m["alpha"] == {1.0: [0.7]}  # x 1: the new final run's validation
+    md = (tmp_path / "results.md").read_text()
+    assert "| chance | | | 0.500 | 0.500 |" in md and "| majority | | | 0.600 | 0.550 |" in md
+    assert "| A | 1,000 | 5e-3 (edge) | 0.800 | 0.700 ± 0.071 | 0.700 | 0.700 | 60 |" in md
+    assert "| majority | 0.600 | 0.600 |" in md  # the sweep's table too shows the baselines (validation)
+    assert "0.99" not in md and (tmp_path / "lr.png").is_file()

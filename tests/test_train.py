@@ -14,7 +14,7 @@ import torch
 
 import omoe
 import train
-from conftest import SHARED
+from conftest import SHARED, records
 from model import Transformer
 from weights import load_safetensors
 
@@ -272,3 +272,68 @@ def test_compile_trains_to_the_eager_losses(tiny_model_dir, task_dir, tmp_path, 
     assert run(*common, "--out", tmp_path / "compiled", "--compile") == 0
     assert len(losses(tmp_path / "compiled")) == 3
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+
+
+def test_validation_is_evaluated_apart_from_the_test(tiny_model_dir, task_dir, tmp_path, capsys):
+    """Val files beside --data are evaluated and recorded apart from the test; --eval-every watches them;
+    --skip-test-eval leaves the test unseen; --val-fraction holds a seeded slice of training out instead."""
+    for task, kind in (("alpha", "answer"), ("beta", "true")):
+        (task_dir / task / "val.json").write_text(json.dumps(records(10, kind, seed=3)))
+    out = tmp_path / "val"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 4, "--eval-every", 2,
+               *QUICK) == 0
+    printed = capsys.readouterr().out
+    assert "\nvalidation (held out of training" in printed and "\ntest\n" in printed
+    assert "chance majority   before    after" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert {t: r["n"] for t, r in results["val_after"].items()} == {"alpha": 6, "beta": 6}  # --eval-limit 6
+    assert {t: r["n"] for t, r in results["after"].items()} == {"alpha": 6, "beta": 6}
+    assert set(results["val_before"]) == {"alpha", "beta"} and "majority" in results["after"]["alpha"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "val" in e] == [2] and not any("eval" in e for e in log)
+
+    out = tmp_path / "val-only"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 2, "--skip-test-eval",
+               "--skip-base-eval", *QUICK) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["after"] == {} and set(results["val_after"]) == {"alpha", "beta"}
+
+    one_file = task_dir / "alpha" / "train.json"
+    out = tmp_path / "fraction"
+    assert run("--model", tiny_model_dir, "--data", one_file, "--out", out, "--max-steps", 2, "--val-fraction", 0.25,
+               "--skip-base-eval", *QUICK[:-4]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["val_after"]["alpha"]["n"] == 12 and results["after"] == {}  # 12 of the 48 training records
+    assert "training examples: 36;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+    (["--val-fraction", "0.1", "--val-data", "x"], "give --val-data or --val-fraction, not both"),
+])
+def test_validation_flags_are_checked(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_lora_targets_layout_and_default_targets():
+    _, args = train.parse_args(["--lora-targets", "q_proj,k_proj,v_proj,o_proj"])
+    assert args.targets == ["gate_proj", "up_proj", "down_proj"]  # the other projections get the experts
+    assert args.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    _, args = train.parse_args([])
+    assert args.targets == list(omoe.TARGETS) and args.lora_targets == []
+
+
+def test_experts_beside_plain_lora_train_save_and_reload(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "layout"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 2,
+               "--lora-targets", "q_proj,v_proj", "--skip-base-eval", *QUICK) == 0
+    config, state = omoe.load_adapter_files(out / "adapter")
+    assert config["lora_targets"] == ["q_proj", "v_proj"] and "q_proj" not in config["targets"]
+    assert not any(k.endswith("q_proj.router.weight") for k in state) and any("up_proj.router" in k for k in state)
+    assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval", "--eval-only",
+               "--adapter", out / "adapter", "--eval-limit", 6) == 0
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())["after"]
+    after = json.loads((out / "results.json").read_text())["after"]
+    assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in after.items()}

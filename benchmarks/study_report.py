@@ -1,0 +1,181 @@
+"""benchmarks/study.py's results: its run records -> summaries, results.json, results.md, lr.png.
+
+Everything here is computed from the records in <out>/runs/ alone, so it can be rewritten after each run
+and from a partial study (a method whose sweep is unfinished has no pick yet, and says so).
+"""
+import json
+import statistics
+from pathlib import Path
+
+import study
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+
+
+def summarise(method: str, rs: list[dict], s) -> dict:
+    """One method's records -> its sweep, pick, test seeds, 90% steps, alpha check and diagnostics."""
+    sweep = {lr: [study.average(r["val"]) for r in rs if r["stage"] == "sweep" and r["lr"] == lr] for lr in s.lrs}
+    complete = all(len(v) == len(s.sweep_seeds) for v in sweep.values())
+    pick = study.pick_lr(sweep) if complete else None
+    final = sorted((r for r in rs if r["stage"] in ("final", "retest") and r["lr"] == pick), key=lambda r: r["seed"])
+    curves = [r["val_curve"] for r in final if r["val_curve"]]
+    alpha = {f: [study.average(r["val"]) for r in rs if r["stage"] == "alpha" and r["alpha_factor"] == f]
+             for f in s.alpha_factors}
+    diag = [r["diagnostics"] for r in final if r["diagnostics"]]
+    blocks = sorted(diag[0], key=int) if diag else []
+    return {
+        "trainable": next((r["trainable"] for r in rs if r["trainable"]), None),
+        "sweep": {lr: v for lr, v in sweep.items() if v},
+        "picked_lr": pick,
+        "pick_at_edge": pick in (s.lrs[0], s.lrs[-1]),
+        "test": [study.average(r["test"]) for r in final],
+        "test_tasks": {t: [r["test"][t] for r in final] for t in (final[0]["test"] if final else {})},
+        "seeds": [r["seed"] for r in final],
+        "steps_to_90": [study.steps_to_fraction(c) for c in curves],
+        "final_val": [c[-1][1] for c in curves],
+        "alpha": {f: v for f, v in {1.0: [study.average(r["val"]) for r in final if r["stage"] == "final"],
+                                    **alpha}.items() if v},
+        "cos_before": {b: statistics.mean(d[b]["cos_before"] for d in diag) for b in blocks},
+        "sweep_run_seconds": [r["wall_seconds"] for r in rs if r["stage"] == "sweep"],
+        "sweep_run_cpu_seconds": [r["cpu_seconds"] for r in rs if r["stage"] == "sweep"],
+    }
+
+
+def baselines(rs: list[dict]) -> dict:
+    """Base model, uniform chance and majority label per task, on validation and test, where recorded."""
+    out = {}
+    for split in ("val", "test"):
+        with_labels = next((r["baselines"][split] for r in rs if r["baselines"][split]), {})
+        base = next((r["base"][split] for r in rs if r["base"][split]), None)
+        out[split] = {"chance": {t: b["chance"] for t, b in with_labels.items()},
+                      "majority": {t: b["majority"] for t, b in with_labels.items()}, "base model": base}
+    return out
+
+
+def fmt(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    mean, std = study.mean_std(xs)
+    return f"{mean:.3f} ± {std:.3f}" if len(xs) > 1 else f"{mean:.3f}"
+
+
+def markdown(summary: dict, s) -> str:
+    methods, base = summary["methods"], summary["baselines"]
+    tasks = sorted(base["test"]["chance"])
+    ref = methods.get(study.REFERENCE, {}).get("test", [])
+    n_seeds = len(s.final_seeds)
+    lines = [f"### Held-out test accuracy at each method's learning rate, picked on validation "
+             f"({n_seeds} seeds, mean ± std)", "",
+             "| method | trainable | picked lr | val at the pick | test average | " + " | ".join(tasks)
+             + f" | steps to 90% of final val | vs {study.REFERENCE} |",
+             "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+    for name in ("base model", "chance", "majority"):
+        row = base["test"][name]
+        if row:
+            val = f"{study.average(base['val'][name]):.3f}" if base["val"][name] else ""
+            lines.append(f"| {name} | | | {val} | {study.average(row):.3f} | "
+                         + " | ".join(f"{row[t]:.3f}" for t in tasks) + " | | |")
+    for name, m in methods.items():
+        if m["picked_lr"] is None:
+            lines.append(f"| {name} | {m['trainable'] or ''} | sweep unfinished | | | " + "| " * len(tasks) + "| |")
+            continue
+        verdict = ("—" if name == study.REFERENCE else "n/a" if min(len(ref), len(m["test"])) < 2 else
+                   "within noise" if study.within_noise(m["test"], ref) else
+                   "lower" if statistics.mean(m["test"]) < statistics.mean(ref) else "higher")
+        lr = m["picked_lr"] + (" (edge)" if m["pick_at_edge"] else "")
+        steps = "—" if not m["steps_to_90"] else "{:.0f} ± {:.0f}".format(*study.mean_std(m["steps_to_90"])) \
+            if len(m["steps_to_90"]) > 1 else f"{m['steps_to_90'][0]}"
+        seeds = "" if len(m["test"]) == n_seeds else f" ({len(m['test'])} seeds so far)"
+        per_task = [f"{statistics.mean(m['test_tasks'][t]):.3f}" if m["test_tasks"] else "—" for t in tasks]
+        lines.append(f"| {name} | {m['trainable']:,} | {lr} | {fmt(m['sweep'][m['picked_lr']])} | "
+                     f"{fmt(m['test'])}{seeds} | " + " | ".join(per_task) + f" | {steps} | {verdict} |")
+    lines += ["", "(edge): the picked rate is the sweep's smallest or largest; the best rate may lie outside it.",
+              f"vs {study.REFERENCE}: the noise rule, a gap of more than twice the standard error of the difference.",
+              "", f"### Validation accuracy over the learning-rate sweep (mean ± std over {len(s.sweep_seeds)} seeds; "
+              "**bold**: the pick)", "", "| method | " + " | ".join(s.lrs) + " |", "|---|" + "---|" * len(s.lrs)]
+    val_baselines = {n: study.average(base["val"][n]) for n in ("chance", "majority") if base["val"][n]}
+    for name, value in val_baselines.items():  # the same at every rate: no model involved
+        lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in s.lrs) + " |")
+    for name, m in methods.items():
+        cells = [fmt(m["sweep"].get(lr, [])) for lr in s.lrs]
+        cells = [f"**{c}**" if lr == m["picked_lr"] else c for lr, c in zip(s.lrs, cells)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    alpha_rows = {n: m for n, m in methods.items() if n in s.alpha_methods and m["alpha"]}
+    if alpha_rows:
+        factors = sorted({1.0, *s.alpha_factors})
+        lines += ["", "### Alpha at the picked rate (validation accuracy, mean ± std over seeds; alpha x 1: the "
+                  "new final runs)", "", "| method | " + " | ".join(f"alpha x {f:g}" for f in factors) + " | spread |",
+                  "|---|" + "---|" * (len(factors) + 1)]
+        for name, value in val_baselines.items():
+            lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in factors) + " | |")
+        for name, m in alpha_rows.items():
+            means = [statistics.mean(m["alpha"][f]) for f in factors if m["alpha"].get(f)]
+            spread = f"{max(means) - min(means):.3f}" if len(means) > 1 else ""
+            lines.append(f"| {name} | " + " | ".join(fmt(m["alpha"].get(f, [])) for f in factors) + f" | {spread} |")
+    routed = {n: m for n, m in methods.items() if m["cos_before"]}
+    if routed:
+        blocks = sorted(next(iter(routed.values()))["cos_before"], key=int)
+        lines += ["", "### Expert similarity before orthogonalisation (mean |cos| between two active experts' "
+                  "outputs for one token, last logged step of the new final runs, mean over seeds)", "",
+                  "| method | " + " | ".join(f"block {b}" for b in blocks) + " |", "|---|" + "---|" * len(blocks)]
+        for name, m in routed.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m['cos_before'][b]:.3f}" for b in blocks) + " |")
+    lines += ["", "### Time per sweep run (one thread; wall clock as measured, on a possibly shared machine)", "",
+              "| method | wall seconds | CPU seconds |", "|---|---|---|"]
+    for name, m in methods.items():
+        if m["sweep_run_seconds"]:
+            lines.append(f"| {name} | {statistics.mean(m['sweep_run_seconds']):.0f} | "
+                         f"{statistics.mean(m['sweep_run_cpu_seconds']):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(summary: dict, s, path: Path) -> None:
+    """Validation accuracy against the learning rate, one line per method, the pick marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for name, m in summary["methods"].items():
+        lrs = [lr for lr in s.lrs if m["sweep"].get(lr)]
+        if not lrs:
+            continue
+        mean = [statistics.mean(m["sweep"][lr]) for lr in lrs]
+        std = [study.mean_std(m["sweep"][lr])[1] for lr in lrs]
+        line = ax.errorbar([float(lr) for lr in lrs], mean, yerr=std, marker="o", capsize=2, label=name,
+                           linestyle="--" if "vanilla" in name or "LoRA" in name else "-")
+        if m["picked_lr"]:
+            ax.plot(float(m["picked_lr"]), statistics.mean(m["sweep"][m["picked_lr"]]), marker="*", markersize=14,
+                    color=line[0].get_color())
+    majority = summary["baselines"]["val"]["majority"]
+    if majority:
+        ax.axhline(study.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy (mean over tasks)")
+    ax.set_title("Accuracy against learning rate (mean ± std over seeds; ★ the pick)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out: Path, s, runner=None) -> dict:
+    rs = records(out)
+    summary = {"settings": {k: v for k, v in vars(s).items() if k != "methods"}, "flags": s.methods,
+               "baselines": baselines(rs),
+               "methods": {m: summarise(m, [r for r in rs if r["method"] == m], s) for m in s.methods}}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown(summary, s))
+    figure(summary, s, out / "lr.png")
+    return summary

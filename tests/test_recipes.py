@@ -1,0 +1,55 @@
+"""The paper-scale recipes of the README: each one's trainable share of LLaMA-2-7B, computed from train.py's
+own flags on a model built on the meta device (no weights, no memory), beside the published share, and the
+README's table holding exactly these numbers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import omoe
+import train
+from model import ModelArgs, Transformer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# name -> (train.py flags, trainable % as published by CoMoE for LLaMA-2-7B)
+RECIPES = {
+    "LoRA r=80": ("--lora --rank 80 --alpha 160", 2.9),
+    "MixLoRA-style: 8 experts top-2 on the MLP, LoRA on attention":
+        ("--experts 8 --top-k 2 --orth none --aux-loss-coef 0.01 --targets gate_proj,up_proj,down_proj "
+         "--lora-targets q_proj,k_proj,v_proj,o_proj", 2.9),
+    "OMoE-LoRA: 2 experts on the MLP": ("--experts 2 --targets gate_proj,up_proj,down_proj", 0.73),
+}
+
+
+def trainable_percent(flags: str) -> float:
+    """PEFT's trainable%: 100 x trainable / all parameters (adapters included), LLaMA-2-7B's shapes."""
+    _, args = train.parse_args(["--model", "unused", *flags.split()])
+    with torch.device("meta"):
+        model = Transformer(ModelArgs())  # the defaults are LLaMA-2-7B's (4096 wide, 32 layers, 11008 MLP)
+        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
+                         alpha=args.alpha, dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 100 * trainable / sum(p.numel() for p in model.parameters())
+
+
+def test_llama2_7b_shapes():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs())
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616  # LLaMA-2-7B's parameter count
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_share_is_near_the_published_one_and_in_the_readme(name):
+    flags, published = RECIPES[name]
+    computed = trainable_percent(flags)
+    assert abs(computed - published) < 0.15 * published, (computed, published)
+    row = f"| {name} | `{flags}` | {computed:.2f}% | {published}% |"
+    assert row in README.read_text(), f"README lacks the row {row}"
+
+
+def test_default_paper_recipes_for_comparison():
+    """The shares of `--lora` (r=16) and `--experts 2` on all seven projections that the README quotes."""
+    assert f"{trainable_percent('--lora'):.2f}" == "0.59"
+    assert f"{trainable_percent('--experts 2'):.2f}" == "1.21"
