@@ -455,8 +455,8 @@ def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def save_adapters(model: nn.Module, directory, base_model: str | None = None) -> None:
-    """Write the adapters into directory: exactly PEFT's files for plain LoRA (one expert, one rank, alpha
-    and dropout everywhere), else ours: adapter_config.json with format_version and the add_experts
+    """Write the adapters into directory: exactly PEFT's files for plain LoRA (one expert without
+    normalisation, one rank, alpha and dropout everywhere), else ours: adapter_config.json with format_version and the add_experts
     arguments, and omoe_model.safetensors keyed like adapter_state_dict. PEFT refuses ours (its config
     has no peft_type, and a config edited to look like PEFT's still finds no adapter_model.safetensors),
     instead of silently running the base model. base_model is recorded as base_model_name_or_path."""
@@ -464,10 +464,11 @@ def save_adapters(model: nn.Module, directory, base_model: str | None = None) ->
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     layers = list(_adapted(model).values())
-    settings = {(m.experts, m.rank, m.alpha, m.dropout) for m in layers}
-    if len(settings) == 1 and layers[0].experts == 1:
+    settings = {(m.rank, m.alpha, m.dropout) for m in layers}
+    plain = all(m.experts == 1 and m.orth == "none" for m in layers)  # a normalised LoRA is not PEFT's
+    if plain and len(settings) == 1:
         targets = list(dict.fromkeys(m.target for m in layers))
-        config, state = peft_format.to_peft(targets, *settings.pop()[1:], state, base_model)
+        config, state = peft_format.to_peft(targets, *settings.pop(), state, base_model)
         weights = ADAPTER_WEIGHTS
     else:
         config, weights = {"format_version": FORMAT_VERSION, **adapter_config(model)}, OMOE_WEIGHTS
