@@ -24,6 +24,21 @@ CORPUS = [
 ] * 20
 
 
+class Payload:
+    """Unpickling this runs `leave_mark`: what a hostile .bin or checkpoint file would do. Tests that
+    torch.load must refuse it check that the mark file was never written."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return leave_mark, (self.mark,)
+
+
+def leave_mark(path):
+    Path(path).write_text("pickled code ran")
+
+
 def train_tokenizer(path: Path, vocab_size: int = 400) -> Path:
     """A BPE model with LLaMA's normalisation settings (identity, no whitespace folding, split digits,
     byte fallback), trained in well under a second."""

@@ -19,7 +19,7 @@ import torch
 import checkpoint
 import data
 import train
-from conftest import records
+from conftest import Payload, records
 from weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,20 +79,6 @@ def text(path: str, content):
 
 def config(**changes):
     return edit("model/config.json", lambda d: {k: v for k, v in (d | changes).items() if v is not ...})
-
-
-class Payload:
-    """Pickles into a call of leave_mark: code that must never run."""
-
-    def __init__(self, mark):
-        self.mark = mark
-
-    def __reduce__(self):
-        return leave_mark, (self.mark,)
-
-
-def leave_mark(path):
-    Path(path).write_text("pickled code ran")
 
 
 def int_weight(tmp):

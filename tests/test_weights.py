@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 import weights
+from conftest import Payload
 from weights import (CHECKSUMS, CheckpointError, SafetensorsFile, find_weight_files, load_safetensors,
                      open_weights, read_safetensors_metadata, save_safetensors, tensor_sha256)
 
@@ -370,20 +371,6 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path):
     save_safetensors({"model.norm.weight": torch.zeros(4)}, directory / "model-00002-of-00002.safetensors")
     with pytest.raises(CheckpointError, match="'model.norm.weight' is in both .*00001.* and .*00002"):
         open_weights(directory)
-
-
-class Payload:
-    """Unpickling this runs `leave_mark`: what a hostile .bin file would do."""
-
-    def __init__(self, mark):
-        self.mark = mark
-
-    def __reduce__(self):
-        return leave_mark, (self.mark,)
-
-
-def leave_mark(path):
-    Path(path).write_text("pickled code ran")
 
 
 def test_a_bin_with_pickled_code_is_refused_without_running_it(tmp_path):
