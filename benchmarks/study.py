@@ -3,6 +3,7 @@
     python benchmarks/study.py --plan      # the runs and the estimated time, without running anything
     python benchmarks/study.py             # the full study (about 3 hours on a quiet 2-core CPU, --jobs 2)
     python benchmarks/study.py --quick     # every stage once, small: 21 runs, about 6 minutes
+    python benchmarks/study.py --report    # the tables and figure from the records so far, running nothing
 
 The protocol, for every method (train.py's embedded recipe with the method's flags, on assets/world-val:
 the embedded tasks with 32 of the 192 fine-tuning creatures held out of training as validation):
@@ -353,6 +354,8 @@ def main(argv=None) -> None:
                                                         "32 questions per task (out: study/quick)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
+    p.add_argument("--report", action="store_true",
+                   help="rewrite results.json, results.md and lr.png from the records so far, run nothing")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -378,6 +381,11 @@ def main(argv=None) -> None:
         print(f"\n{len(runs)} runs; estimated {left / 3600:.1f} h ({left / 60:.0f} min) for those left, "
               f"{args.jobs} at a time")
         return
+    if args.report:
+        study_report.write(out, settings, study)
+        print(f"wrote {out / 'results.md'} from the records in {out / 'runs'}")
+        return
+
     def write():  # a failing report must not stop hours of runs: their records are what counts
         try:
             study_report.write(out, settings, study)

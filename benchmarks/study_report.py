@@ -70,11 +70,11 @@ def markdown(summary: dict, s) -> str:
     tasks = sorted(base["test"]["chance"])
     ref = methods.get(study.REFERENCE, {}).get("test", [])
     n_seeds = len(s.final_seeds)
+    header = ["method", "trainable", "picked lr", "val at the pick", "test average", *tasks,
+              "steps to 90% of final val", f"vs {study.REFERENCE}"]
     lines = [f"### Held-out test accuracy at each method's learning rate, picked on validation "
              f"({n_seeds} seeds, mean ± std)", "",
-             "| method | trainable | picked lr | val at the pick | test average | " + " | ".join(tasks)
-             + f" | steps to 90% of final val | vs {study.REFERENCE} |",
-             "|---|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in ("base model", "chance", "majority"):
         row = base["test"][name]
         if row:
@@ -83,7 +83,8 @@ def markdown(summary: dict, s) -> str:
                          + " | ".join(f"{row[t]:.3f}" for t in tasks) + " | | |")
     for name, m in methods.items():
         if m["picked_lr"] is None:
-            lines.append(f"| {name} | {m['trainable'] or ''} | sweep unfinished | | | " + "| " * len(tasks) + "| |")
+            cells = [name, f"{m['trainable']:,}" if m['trainable'] else "", "sweep unfinished"] + [""] * (len(header) - 3)
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         verdict = ("—" if name == study.REFERENCE else "n/a" if min(len(ref), len(m["test"])) < 2 else
                    "within noise" if study.within_noise(m["test"], ref) else
