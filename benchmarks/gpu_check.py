@@ -28,7 +28,7 @@ keeps to --budget seconds and skips what no longer fits (the last stages matter 
   compile         train.py --compile against eager (float32 base), losses and final adapters
   speed-compiled  the speed stage with every block torch.compile'd
 
-    python benchmarks/gpu_check.py --dry-run   # every stage on tiny CPU shapes, in seconds (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --dry-run   # every stage on tiny CPU shapes, about 2 minutes on one CPU thread (tests/test_gpu_check.py)
 """
 import argparse
 import datetime
