@@ -185,6 +185,8 @@ def validate_args(p, args) -> None:
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue the run, or replace it"),
         (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
+        (args.fsdp and "RANK" not in os.environ, "--fsdp shards the model over processes started by torchrun: "
+                                                 "torchrun --nproc_per_node N train.py ... --fsdp"),
         (args.val_fraction is not None and not 0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
         (args.val_fraction is not None and args.val_data is not None, "give --val-data or --val-fraction, not both"),
         (args.val_fraction is not None and args.eval_only, "--val-fraction splits training data: not with --eval-only"),
@@ -384,9 +386,6 @@ class Inputs:
 def setup(args) -> Env:
     """Device, processes, precision and --out."""
     rank, world, device = parallel.setup(pick_device(args.device))
-    if args.fsdp and "RANK" not in os.environ:
-        raise UsageError("--fsdp shards the model over processes started by torchrun: "
-                         "torchrun --nproc_per_node N train.py ... --fsdp")
     if args.batch_size % (args.micro_batch_size * world):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} processes")

@@ -120,8 +120,11 @@ def test_two_processes_ddp_and_fsdp_equal_one(world):
         {"argv": argv(world, "model", "fsdp2-cut", [*OMOE, "--fsdp", "--resume"])},
         {"argv": argv(world, "model", "fsdp2-aux", [*AUX, "--fsdp"])},
         {"argv": argv(world, "model", "ddp2-aux", AUX)},
+        {"argv": ["--model", str(world / "model"), "--eval-data", str(world / "data"), "--eval-limit", "7",
+                  "--eval-only", "--adapter", str(world / "omoe" / "adapter"), "--out", str(world / "fsdp2-eval"),
+                  "--fsdp"]},
     ])
-    assert codes == [0, 0, 0, 130, 0, 0, 0]
+    assert codes == [0, 0, 0, 130, 0, 0, 0, 0]
     assert_same_run(world / "omoe", world / "fsdp2-omoe")
     assert_same_run(world / "lora", world / "fsdp2-lora")
     assert_same_run(world / "omoe", world / "ddp2-omoe")
@@ -129,6 +132,8 @@ def test_two_processes_ddp_and_fsdp_equal_one(world):
     # The balance loss is computed on each process's micro-batches (as in every MoE trainer), so its value
     # depends on how the batch is split: FSDP matches DDP, which splits it the same way.
     assert_same_run(world / "ddp2-aux", world / "fsdp2-aux")
+    evaluated = json.loads((world / "fsdp2-eval" / "results.json").read_text())["after"]
+    assert evaluated == json.loads((world / "omoe" / "results.json").read_text())["after"]  # --eval-only, sharded
 
 
 def test_three_processes_fsdp_equals_one(world):
