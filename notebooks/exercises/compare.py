@@ -11,6 +11,9 @@ import torch
 TOL = 1e-9  # float64 cases: a correct answer differs by rounding only (1e-15 or so)
 
 
+RAISED = object()  # what call returns when your function raised (None is a result it can report on)
+
+
 class NotWritten(Exception):
     """Your function raised NotImplementedError: the exercise is not done yet."""
 
@@ -62,7 +65,7 @@ def run(title, name, cases):
 
 
 def call(report, case, fn, *args):
-    """Your function's result, or None after a one-line report of what it raised."""
+    """Your function's result, or RAISED after a one-line report of what it raised."""
     try:
         return fn(*args)
     except NotImplementedError:
@@ -70,7 +73,7 @@ def call(report, case, fn, *args):
     except Exception as error:  # anything else is the student's bug, reported in one line
         message = (str(error).strip().splitlines() or [""])[0]
         report.fail(case, f"calling {fn.__name__}", f"it raised {type(error).__name__}: {message}")
-        return None
+        return RAISED
 
 
 def _where(index, shape):
