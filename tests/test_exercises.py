@@ -207,7 +207,7 @@ def test_lora_init_with_the_roles_swapped_and_with_both_zero():
     solution = functions("01_lora", True)["lora_forward"]
     report = check.lora_init(lambda D_in, D_out, r: (torch.zeros(r, D_in), torch.randn(D_out, r)), solution)
     text = failed(report, 3, 4)
-    assert "B: not zero (max |B| = " in text and "the adapted layer would not equal the frozen one" in text
+    assert "B: not zero (max |B| = " in text and "which makes the update s·B A x zero at step 0" in text
     assert "|dL/dB| = 0; at step 0 (B = 0, A random) only B should get a gradient" in text
     report = check.lora_init(lambda D_in, D_out, r: (torch.zeros(r, D_in), torch.zeros(D_out, r)), solution)
     text = failed(report, 2, 4)
@@ -340,3 +340,14 @@ def test_the_ridge_the_text_quotes_is_the_projects():
     text = "".join(source(c) for c in json.loads(exercise_path("03_gram_schmidt", False).read_text())["cells"])
     assert r"$10^{-4} + 10^{-4}\,\overline{\lVert e\rVert^2}$" in text
     assert (omoe.RIDGE_ABS, omoe.RIDGE_REL) == (1e-4, 1e-4)
+
+
+def test_gram_schmidt_with_a_float32_ridge():
+    solution = functions("03_gram_schmidt", True)["gram_schmidt"]
+    report = check.gram_schmidt(lambda E, normalize=True, eps=0.0: solution(
+        E, normalize, torch.as_tensor(eps, dtype=torch.float32).double()))
+    assert not report.passed
+    assert ("a float32-sized error in float64: did a tensor made without dtype= (torch.eye, torch.zeros, "
+            "torch.tensor) enter your computation?") in lines(report, "step 0: 4 tokens of 3 zero vectors, "
+                                                                       "orthonormal, eps=RIDGE_ABS")
+    assert "WRONG" not in lines(report, "20 tokens, 3 vectors in 8D, orthonormal, eps=0")

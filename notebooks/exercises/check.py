@@ -82,8 +82,8 @@ def lora_init(init, forward) -> Report:
             if tuple(t.shape) != want:
                 return report.fail(case, f"{name}'s shape", f"{tuple(t.shape)}, expected {want}")
         if B.abs().max() > 0:
-            report.fail(case, "B", f"not zero (max |B| = {float(B.abs().max()):.3g}): at step 0 the adapted "
-                                   f"layer would not equal the frozen one")
+            report.fail(case, "B", f"not zero (max |B| = {float(B.abs().max()):.3g}); the project's B starts at "
+                                   f"zero, which makes the update s·B A x zero at step 0 whatever A is")
         else:
             report.ok(case, "B", "all zero, as the project's lora_B starts")
         if not A.abs().max() > 0:
@@ -345,6 +345,9 @@ def update_lengths(fn, N=200, K=3, D=64) -> Report:
                     if not (isinstance(got, torch.Tensor) and got.shape == (N, D)):
                         return report.fail(orth, "the update", "no (N, D_out) tensor to measure: run check.mix")
                     lengths[orth, t, s] = got.detach().norm(dim=-1) / g.norm(dim=-1)  # (N,) |update| / sqrt(Σ g²)
+        cos = directions @ directions.mT                                              # (N, K, K)
+        mean_cos = float((cos.sum((-2, -1)) - K).mean() / (K * (K - 1)))
+        report.note(f"{N} tokens, {K} experts, mean cosine between two experts' directions {mean_cos:.2f}")
         report.note("median over tokens of |Σ_k g_k q_k| / sqrt(Σ_k g_k²)")
         report.note("B scaled by   orthonormal: " + "".join(f"{f's={s:g}':>8}" for s in ss)
                     + "   normalized: " + "".join(f"{f's={s:g}':>8}" for s in ss))

@@ -107,10 +107,13 @@ def compare(report, case, what, got, want, tol=TOL) -> bool:
         report.ok(case, what, f"close, max abs difference {worst:.1e} (tol {tol:.0e})")
         return True
     at = _where(int(diff.argmax()), got.shape)
-    how = (f"max abs difference {worst:.3g} (tol {tol:.0e}) at index {at}: yours {float(got[at]):.6g}, "
-           f"expected {float(want[at]):.6g}")
+    how = (f"max abs difference {worst:.3g} (tol {tol:.0e}) at index {at}: yours {float(got[at]):.10g}, "
+           f"expected {float(want[at]):.10g}")
     c = factor(got.double(), want.double(), tol)
     report.fail(case, what, how + ("" if c is None else f"; yours is {c:.6g} x expected everywhere"))
+    if worst <= 1e4 * tol and want.dtype == torch.float64:
+        report.note("a float32-sized error in float64: did a tensor made without dtype= (torch.eye, torch.zeros, "
+                    "torch.tensor) enter your computation?")
     return False
 
 
