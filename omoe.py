@@ -534,8 +534,10 @@ class DiagnosticsRecorder:
 
     def __init__(self, names: dict):
         self.names, self.mask, self.sums = names, None, {}
+        # Host-side bookkeeping (boolean indexing, .cpu()): kept out of compiled graphs. Wrapped here,
+        # not by a decorator, since torch.compiler.disable imports the compiler (seconds) when called.
+        self.observe = torch.compiler.disable(self.observe)
 
-    @torch.compiler.disable  # host-side bookkeeping (boolean indexing, .cpu()): keep it out of compiled graphs
     @torch.no_grad()
     def observe(self, layer: OMoELinear, h: Tensor, probs: Tensor, active: Tensor):
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)             # (N,)

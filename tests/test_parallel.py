@@ -147,7 +147,8 @@ def test_three_processes_fsdp_equals_one(world):
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
-    assert train.main(["--fsdp", "--out", str(tmp_path), "--max-steps", "1"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    with pytest.raises(SystemExit) as exit:  # refused with the other flags, before anything is read
+        train.main(["--fsdp", "--out", str(tmp_path), "--max-steps", "1"])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip() == (
         "train.py: error: --fsdp shards the model over processes started by torchrun: "
         "torchrun --nproc_per_node N train.py ... --fsdp")
