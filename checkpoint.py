@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-import omoe
 from weights import load_refusal, tensor_sha256
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "results.json", "adapter")
@@ -45,13 +44,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, steps_per_epoch: int, args, before,
-                    fingerprint: str, val_before=None) -> None:
+def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step: int, steps_per_epoch: int, args,
+                    before, fingerprint: str, val_before=None) -> None:
     """Everything a resumed run needs, in one file written atomically (write_atomically),
     so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
-    every entry let a resume tell a damaged file from a good one."""
-    state = {"adapters": {k: v.cpu() for k, v in omoe.adapter_state_dict(model).items()},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    every entry let a resume tell a damaged file from a good one. adapters: omoe.adapter_state_dict;
+    optimizer: the optimizer's state_dict (both whole, also for a sharded model: parallel.py)."""
+    state = {"adapters": {k: v.cpu() for k, v in adapters.items()},
+             "optimizer": optimizer, "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "step": step, "args": vars(args), "before": before, "val_before": val_before,
              "data_fingerprint": fingerprint,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).

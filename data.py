@@ -354,15 +354,19 @@ def baselines(examples: list[Example]) -> dict:
 def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
              max_new_tokens: int = 32) -> dict:
     """Accuracy on one task -> {"accuracy", "correct", "n", "chance", "majority"} (see baselines), plus
-    "no_label" in generate mode (answers in which no label was found; they count as wrong).
+    "no_label" in generate mode (answers in which no label was found; they count as wrong)."""
+    return score(examples, predict(model, tok, examples, mode, batch_size, max_new_tokens), mode)
+
+
+def predict(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
+            max_new_tokens: int = 32) -> list[str | None]:
+    """The model's answer label for each example (None: no label found in a generated answer).
 
     The model is put in eval mode (no dropout) and given back in the mode it came in. Gradients are
     off through torch.no_grad rather than inference_mode, whose tensors could not be reused in
     training if a module cached one."""
     if mode not in ("likelihood", "generate"):
         raise ValueError(f"eval mode must be 'likelihood' or 'generate', got {mode!r}")
-    if not examples:
-        raise ValueError("no examples to evaluate")
     for ex in examples:
         if not ex.candidates or ex.answer not in ex.candidates:
             raise DataError(f"task {ex.task!r}: an example without candidates or gold answer cannot be scored")
@@ -371,12 +375,17 @@ def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likeli
     try:
         if mode == "likelihood":
             scores = score_candidates(model, tok, examples, batch_size)
-            predictions = [ex.candidates[max(range(len(s)), key=s.__getitem__)] for ex, s in zip(examples, scores)]
-        else:
-            texts = generate_answers(model, tok, examples, batch_size, max_new_tokens)
-            predictions = [extract_label(t, ex.candidates) for ex, t in zip(examples, texts)]
+            return [ex.candidates[max(range(len(s)), key=s.__getitem__)] for ex, s in zip(examples, scores)]
+        texts = generate_answers(model, tok, examples, batch_size, max_new_tokens)
+        return [extract_label(t, ex.candidates) for ex, t in zip(examples, texts)]
     finally:
         model.train(was_training)
+
+
+def score(examples: list[Example], predictions: list[str | None], mode: str = "likelihood") -> dict:
+    """The result of evaluate() from the predictions of predict()."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
     correct = sum(p == ex.answer for p, ex in zip(predictions, examples))
     result = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples), **baselines(examples)}
     if mode == "generate":

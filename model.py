@@ -144,11 +144,12 @@ def parameter_count(args: ModelArgs) -> int:
     return V * D * (1 if args.tie_embeddings else 2) + D + args.n_layers * per_block
 
 
-def check_memory(args: ModelArgs, dtype, device, where) -> None:
+def check_memory(args: ModelArgs, dtype, device, where, shards: int = 1) -> None:
     """Refuse a model that cannot fit in the memory of `device`, before allocating anything: a config
-    with absurd sizes would otherwise build modules for minutes and then fail."""
+    with absurd sizes would otherwise build modules for minutes and then fail. shards: the number of
+    processes it is split over (FSDP), each holding 1/shards of it."""
     device = torch.device(device or "cpu")
-    needed = parameter_count(args) * (dtype or torch.float32).itemsize
+    needed = parameter_count(args) * (dtype or torch.float32).itemsize / shards
     if device.type == "cuda" and torch.cuda.is_available():
         available = torch.cuda.mem_get_info(device)[1]
     elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
@@ -156,8 +157,9 @@ def check_memory(args: ModelArgs, dtype, device, where) -> None:
     else:
         return
     if needed > available:
+        each = f" (1/{shards} of it in each of {shards} processes)" if shards > 1 else ""
         raise ValueError(f"{where}: the model it describes has {parameter_count(args):,} parameters, "
-                         f"{needed / 2**30:,.1f} GiB in {dtype or torch.float32}, more than the "
+                         f"{needed * shards / 2**30:,.1f} GiB in {dtype or torch.float32}{each}, more than the "
                          f"{available / 2**30:,.1f} GiB of memory of {device}")
 
 
@@ -492,32 +494,40 @@ class Transformer(nn.Module):
         # parameters nothing is left uninitialised.
         ours = model.state_dict()
         with open_weights(path) as reader:
-            # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
-            # older checkpoints store, are derived, not loaded.
-            file_name = {name.removeprefix("model."): name for name in reader.shapes
-                         if not name.endswith("rotary_emb.inv_freq")}
-            # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
-            needed = [n for n in ours if not (args.tie_embeddings and n == "lm_head.weight")]
-            missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
-            unexpected = [file_name[n] for n in file_name if n not in ours]
-            if missing or unexpected:
-                raise CheckpointError(f"{path}: checkpoint does not match config.json; missing tensors: "
-                                      f"{_names(missing)}; unexpected tensors: {_names(unexpected)}")
-            wrong = [f"{file_name[n]}: checkpoint {tuple(reader.shapes[file_name[n]])} vs config "
-                     f"{tuple(ours[n].shape)}" for n in needed
-                     if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
-            if wrong:
-                raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
-            for n in needed:  # copy_ would turn integers into float weights without a word
-                if not reader.dtypes[file_name[n]].is_floating_point:
-                    raise CheckpointError(f"{reader.path_of(file_name[n])}: tensor {file_name[n]!r} has dtype "
-                                          f"{reader.dtypes[file_name[n]]}, but a floating-point weight belongs there")
-            # Largest first: while a tensor is copied its pages in the file are resident too, so
-            # memory peaks at the weights loaded so far plus the tensor being read. Starting with
-            # the embeddings keeps that peak at about one copy of the weights.
-            for name in sorted(needed, key=lambda n: ours[n].numel(), reverse=True):
-                reader.copy_into(file_name[name], ours[name])
+            for name, file_name in checkpoint_names(ours, reader, path, args.tie_embeddings):
+                reader.copy_into(file_name, ours[name])
         return model.eval()
+
+
+def checkpoint_names(ours: dict, reader, path, tied: bool) -> list[tuple[str, str]]:
+    """(our name, the checkpoint's name) of every tensor to load, largest first; every one checked first.
+
+    ours: our state_dict (its tensors may be on the meta device: only names and shapes are read).
+    Every parameter must come from the checkpoint: a missing, unexpected, wrongly shaped or integer
+    tensor is an error naming it, before anything is copied, never a partial load."""
+    # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
+    # older checkpoints store, are derived, not loaded.
+    file_name = {name.removeprefix("model."): name for name in reader.shapes
+                 if not name.endswith("rotary_emb.inv_freq")}
+    # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
+    needed = [n for n in ours if not (tied and n == "lm_head.weight")]
+    missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
+    unexpected = [file_name[n] for n in file_name if n not in ours]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json; missing tensors: "
+                              f"{_names(missing)}; unexpected tensors: {_names(unexpected)}")
+    wrong = [f"{file_name[n]}: checkpoint {tuple(reader.shapes[file_name[n]])} vs config "
+             f"{tuple(ours[n].shape)}" for n in needed if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
+    for n in needed:  # copy_ would turn integers into float weights without a word
+        if not reader.dtypes[file_name[n]].is_floating_point:
+            raise CheckpointError(f"{reader.path_of(file_name[n])}: tensor {file_name[n]!r} has dtype "
+                                  f"{reader.dtypes[file_name[n]]}, but a floating-point weight belongs there")
+    # Largest first: while a tensor is copied its pages in the file are resident too, so memory
+    # peaks at the weights loaded so far plus the tensor being read. Starting with the embeddings
+    # keeps that peak at about one copy of the weights.
+    return [(n, file_name[n]) for n in sorted(needed, key=lambda n: ours[n].numel(), reverse=True)]
 
 
 def _names(names: list[str], limit: int = 8) -> str:

@@ -197,7 +197,7 @@ class OMoELinear(nn.Module):
     """A frozen nn.Linear (`base_layer`) plus E LoRA experts, a router and Gram–Schmidt (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Linear, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
-                 orth="orthonormal"):
+                 orth="orthonormal", device=None):
         super().__init__()
         _check_args(experts, top_k, rank, dropout, orth)
         self.base_layer = base_layer
@@ -210,9 +210,10 @@ class OMoELinear(nn.Module):
         self.target = None                            # the add_experts target that chose this layer
         self.role = "experts"                         # or "lora": plain LoRA beside experts (add_experts)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapters are kept in float32 (float64 for a float64 base) even beside a bf16 base, like PEFT.
+        # Adapters are kept in float32 (float64 for a float64 base) even beside a bf16 base, like PEFT;
+        # on the base's device unless told otherwise (a base still on the meta device, to be sharded).
         w = base_layer.weight
-        kw = dict(dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+        kw = dict(dtype=torch.promote_types(w.dtype, torch.float32), device=device or w.device)
         self.lora_A = nn.Parameter(torch.empty(experts, rank, base_layer.in_features, **kw))   # (E, R, D_in)
         self.lora_B = nn.Parameter(torch.empty(experts, base_layer.out_features, rank, **kw))  # (E, D_out, R)
         self.router = nn.Linear(base_layer.in_features, experts, bias=False, **kw) if experts > 1 else None
@@ -364,10 +365,11 @@ def check_targets(model: nn.Module, targets=TARGETS, lora_targets=()) -> dict[st
 
 
 def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32, dropout=0.05,
-                orth="orthonormal", lora_targets=()) -> nn.Module:
+                orth="orthonormal", lora_targets=(), device=None) -> nn.Module:
     """Replace every nn.Linear whose name is, or ends with ".<target>", by an OMoELinear; freeze the rest.
 
-    Call it after the base weights are loaded. experts=1 is plain LoRA (with orth="normalized": a normalised LoRA).
+    Call it after the base weights are loaded (or on a base on the meta device, with the adapters' `device`,
+    to shard the model before its weights are loaded: see parallel.py). experts=1 is plain LoRA (with orth="normalized": a normalised LoRA).
     The layers of lora_targets get plain LoRA instead (one expert of the same rank, alpha and dropout, no
     router): layouts with experts on some projections and LoRA on the others, such as MixLoRA's experts on
     gate/up/down_proj and LoRA on the attention projections."""
@@ -378,8 +380,8 @@ def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=1
     chosen = check_targets(model, targets, lora_targets)
     for name, (t, role) in chosen.items():
         parent, _, leaf = name.rpartition(".")
-        layer = (OMoELinear(linears[name], experts, top_k, rank, alpha, dropout, orth) if role == "experts" else
-                 OMoELinear(linears[name], 1, None, rank, alpha, dropout, "none"))
+        layer = (OMoELinear(linears[name], experts, top_k, rank, alpha, dropout, orth, device) if role == "experts"
+                 else OMoELinear(linears[name], 1, None, rank, alpha, dropout, "none", device))
         layer.target, layer.role = t, role
         setattr(model.get_submodule(parent), leaf, layer)
     mark_only_adapters_trainable(model)
@@ -434,6 +436,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy adapter weights into the model's adapters; every key and shape must match (no strict=False)."""
+    check_adapter_state(model, state)
+    with torch.no_grad():
+        for k, p in adapter_state_dict(model).items():
+            p.copy_(state[k])  # copy_ converts dtype and device
+
+
+def check_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Refuse adapter weights that do not fit the model's adapters, naming every key that does not."""
     own = adapter_state_dict(model)
     if not own:
         raise ValueError("model has no experts: call add_experts (with the saved adapter config) first")
@@ -449,20 +459,18 @@ def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
             raise ValueError(f"adapter weight {k} has dtype {state[k].dtype}, not a floating-point dtype")
         if not torch.isfinite(state[k]).all():
             raise ValueError(f"adapter weight {k} is not finite (it holds NaN or infinity)")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])  # copy_ converts dtype and device
 
 
-def save_adapters(model: nn.Module, directory, base_model: str | None = None) -> None:
+def save_adapters(model: nn.Module, directory, base_model: str | None = None, state: dict | None = None) -> None:
     """Write the adapters into directory: exactly PEFT's files for plain LoRA (one expert without
-    normalisation, one rank, alpha and dropout everywhere), else ours: adapter_config.json with format_version and the add_experts
-    arguments, and omoe_model.safetensors keyed like adapter_state_dict. PEFT refuses ours (its config
+    normalisation, one rank, alpha and dropout everywhere), else ours: adapter_config.json with
+    format_version and the add_experts arguments, and omoe_model.safetensors keyed like adapter_state_dict. PEFT refuses ours (its config
     has no peft_type, and a config edited to look like PEFT's still finds no adapter_model.safetensors),
-    instead of silently running the base model. base_model is recorded as base_model_name_or_path."""
+    instead of silently running the base model. base_model is recorded as base_model_name_or_path.
+    state: the adapter weights, if not the model's own (those of a sharded model, gathered: parallel.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.contiguous().cpu() for k, v in (adapter_state_dict(model) if state is None else state).items()}
     layers = list(_adapted(model).values())
     settings = {(m.rank, m.alpha, m.dropout) for m in layers}
     plain = all(m.experts == 1 and m.orth == "none" for m in layers)  # a normalised LoRA is not PEFT's
@@ -526,8 +534,10 @@ class DiagnosticsRecorder:
 
     def __init__(self, names: dict):
         self.names, self.mask, self.sums = names, None, {}
+        # Host-side bookkeeping (boolean indexing, .cpu()): kept out of compiled graphs. Wrapped here,
+        # not by a decorator, since torch.compiler.disable imports the compiler (seconds) when called.
+        self.observe = torch.compiler.disable(self.observe)
 
-    @torch.compiler.disable  # host-side bookkeeping (boolean indexing, .cpu()): keep it out of compiled graphs
     @torch.no_grad()
     def observe(self, layer: OMoELinear, h: Tensor, probs: Tensor, active: Tensor):
         keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)             # (N,)

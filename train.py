@@ -4,9 +4,11 @@
     python train.py --model /path/to/Llama-2-7b-hf --data commonsense_170k.json \
                     --eval-data dataset/ --experts 2 --device cuda
     torchrun --nproc_per_node 4 train.py ...           # DistributedDataParallel, one process per GPU
+    torchrun --nproc_per_node 8 train.py ... --fsdp    # the frozen base sharded over the GPUs (parallel.py)
 
-It reads top-down like a recipe: flags -> device and precision -> data -> model, its evaluation, experts ->
-optimizer and schedule -> resume -> train, evaluate -> results.
+It reads top-down like a recipe (run, at the end): flags -> device, processes and precision -> config,
+tokenizer and data -> the base model -> its evaluation -> experts -> parallel wrapping -> optimizer, or
+resume -> the loop -> final evaluation and saving.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,9 +28,10 @@ from tqdm import tqdm
 
 import data
 import omoe
+import parallel
 from checkpoint import (SaveError, append_log, check_out_dir, clear_run, data_fingerprint, load_checkpoint,
                         save_checkpoint, set_rng_state, truncate_log, write_json)
-from model import Transformer, check_memory, load_config
+from model import ModelArgs, Transformer, check_memory, load_config
 from weights import resolve_hf_cache
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
@@ -134,6 +138,8 @@ def parse_args(argv=None):
                                       "folder, for --eval-only")
     a("--grad-checkpoint", action="store_true", help="recompute activations in backward to save memory")
     a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base over the processes (FSDP2) "
+                                          "instead of a whole copy in each (DDP), for bases larger than one GPU")
     args = p.parse_args(argv)
     recipe = EMBEDDED if args.model is None else PAPER
     for key, value in recipe.items():
@@ -179,6 +185,8 @@ def validate_args(p, args) -> None:
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue the run, or replace it"),
         (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
+        (args.fsdp and "RANK" not in os.environ, "--fsdp shards the model over processes started by torchrun: "
+                                                 "torchrun --nproc_per_node N train.py ... --fsdp"),
         (args.val_fraction is not None and not 0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
         (args.val_fraction is not None and args.val_data is not None, "give --val-data or --val-fraction, not both"),
         (args.val_fraction is not None and args.eval_only, "--val-fraction splits training data: not with --eval-only"),
@@ -257,34 +265,13 @@ def check_lengths(args, model_args, tokenizer, train_items: list, eval_sets: dic
                                  f"max_position_embeddings {limit} of {config}")
 
 
-def check_finite_adapters(model, when: str) -> None:
+def check_finite_adapters(model, when: str, device) -> None:
     """Refuse to evaluate or save adapters holding NaN or infinity: their results would mean nothing."""
     state = omoe.adapter_state_dict(model)
-    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()  # one sync, not one per tensor
-    for name, ok in zip(state, finite):
+    for name, ok in zip(state, parallel.all_finite(list(state.values()), device)):
         if not ok:
             raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); stopping "
                                    f"without evaluating or saving it")
-
-
-def setup_distributed(device: torch.device):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_sum(x: float, device) -> float:
-    """Sum a number over all processes (identity without DDP)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
 
 
 class Interrupt:
@@ -307,9 +294,11 @@ def loss_sum(logits, labels):
                                              ignore_index=-100, reduction="sum")
 
 
-def evaluate_all(model, tokenizer, eval_sets, args, autocast) -> dict:
-    with autocast:
-        return data.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size, MAX_NEW_TOKENS)
+def evaluate_all(model, tokenizer, eval_sets, args, env) -> dict:
+    """Accuracy per task; with several processes each answers its share of the examples."""
+    with env.autocast:
+        return parallel.evaluate_tasks(model, tokenizer, eval_sets, args.eval_mode, args.eval_batch_size,
+                                       MAX_NEW_TOKENS, env.device)
 
 
 def load_adapter(directory) -> tuple[dict, dict]:
@@ -357,19 +346,52 @@ def print_diversity(stats: dict) -> None:
         print(f"{block:<8}{gate:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
 
 
-def run(args) -> int:
-    # ── device and precision ──
-    device = pick_device(args.device)
-    rank, world, device = setup_distributed(device)
-    main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
+# ── the recipe, step by step ──────────────────────────────────────────────────────────────────
+
+@dataclass
+class Env:
+    """Where and how this process runs."""
+    device: torch.device
+    rank: int
+    world: int             # processes (torchrun); 1 for a plain `python train.py`
+    dtype: torch.dtype     # of the frozen base; the adapters are float32
+    autocast: object       # lets a low-precision base and float32 adapters meet in a matmul
+    out: Path
+    replaced: bool         # --overwrite found a run in --out, to be deleted once every input is checked
+
+    @property
+    def main(self) -> bool:  # the process that prints and writes files
+        return self.rank == 0
+
+    def say(self, *a, **k):
+        if self.main:
+            print(*a, **k)
+
+
+@dataclass
+class Inputs:
+    """Everything read from disk before the model: all of it checked before any weight is loaded."""
+    model_dir: Path
+    model_args: ModelArgs
+    tokenizer: data.Tokenizer
+    eval_sets: dict        # task -> test examples
+    val_sets: dict         # task -> validation examples
+    train_items: list      # encoded training examples
+    fingerprint: str       # of the training data, to refuse resuming on other data
+    ckpt_path: Path
+    ckpt: dict | None      # the checkpoint to resume
+    adapter: tuple | None  # (config, weights) of --adapter for --eval-only
+
+
+def setup(args) -> Env:
+    """Device, processes, precision and --out."""
+    rank, world, device = parallel.setup(pick_device(args.device))
     if args.batch_size % (args.micro_batch_size * world):
         raise UsageError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} processes")
-    base_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-    # Adapters stay float32; a low-precision base runs under autocast so the two can meet in a matmul.
-    autocast = torch.autocast(device.type, dtype=base_dtype) if base_dtype != torch.float32 else nullcontext()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     out = Path(args.out)
     replaced = check_out_dir(args, out)
     try:
@@ -381,26 +403,35 @@ def run(args) -> int:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    return Env(device, rank, world, dtype, autocast, out, replaced)
 
-    # ── data ──
+
+def load_inputs(args, env: Env) -> Inputs:
+    """The model's config and tokenizer, the data, the checkpoint to resume or the adapter to evaluate."""
     model_dir = resolve_hf_cache(args.model)  # a models--org--name cache folder -> its snapshot
     if not model_dir.is_dir():
         raise UsageError(f"--model {model_dir}: no such directory (a Hugging Face LLaMA directory is expected)")
     model_args = load_config(model_dir)
     tokenizer = data.Tokenizer(model_dir)  # its tokenizer.model, else its tokenizer.json
     data.check_tokenizer_fits(tokenizer, model_args.vocab_size, model_dir / "config.json")
-    check_memory(model_args, base_dtype, device, model_dir / "config.json")
-    if args.eval_only:
-        adapter_config, adapter_state = load_adapter(args.adapter)
+    check_memory(model_args, env.dtype, env.device, model_dir / "config.json", env.world if args.fsdp else 1)
+    adapter = load_adapter(args.adapter) if args.eval_only else None
+    if not args.eval_only:
+        with torch.device("meta"):  # the layers --targets names must exist: checked on the model's shapes alone
+            try:
+                omoe.check_targets(Transformer(model_args), args.targets, args.lora_targets)
+            except ValueError as e:
+                raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
     eval_path = args.eval_data or (args.data if args.data and Path(args.data).is_dir() else None)
     if eval_path is None and args.eval_only:
         raise UsageError("--eval-only needs --eval-data (a test JSON file or a folder of <task>/test.json)")
     if eval_path is None:
-        say("no --eval-data (and --data is not a folder with test files): training without evaluation")
+        env.say("no --eval-data (and --data is not a folder with test files): training without evaluation")
     if args.skip_test_eval:
         eval_path = None
     eval_sets = {t: ex[:args.eval_limit] for t, ex in data.load_tasks(eval_path, "test").items()} if eval_path else {}
     val_sets = load_validation(args)
+    train_items, fingerprint, ckpt, ckpt_path = [], "", None, env.out / "checkpoint.pt"
     if not args.eval_only:
         if args.data is None:
             raise UsageError("--data is required for training (or use --eval-only --adapter PATH)")
@@ -409,189 +440,257 @@ def run(args) -> int:
             train_tasks, held_out = data.hold_out(train_tasks, args.val_fraction)
             val_sets = {t: ex[:args.eval_limit] for t, ex in held_out.items()}
         train_examples = [ex for task in train_tasks.values() for ex in task[:args.train_limit]]
-        fingerprint, ckpt_path = data_fingerprint(train_examples), out / "checkpoint.pt"
+        fingerprint = data_fingerprint(train_examples)
         if args.resume:
             ckpt = load_checkpoint(ckpt_path)
             check_resumable(ckpt, args, ckpt_path, fingerprint)
-        train_items, counts = data.encode_for_training(tokenizer, train_examples,
-                                                       args.cutoff_len, args.train_on_prompt)
-        say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
-            f"{counts['truncated']} had the start of their prompt cut, {counts['dropped']} were left out")
+        train_items, counts = data.encode_for_training(tokenizer, train_examples, args.cutoff_len,
+                                                       args.train_on_prompt)
+        env.say(f"training examples: {counts['kept']}; longer than --cutoff-len {args.cutoff_len}: "
+                f"{counts['truncated']} had the start of their prompt cut, {counts['dropped']} were left out")
         if len(train_items) < args.batch_size:
             raise UsageError(f"--data: {len(train_items)} usable training examples, fewer than --batch-size "
                              f"{args.batch_size}")
-    check_lengths(args, model_args, tokenizer, [] if args.eval_only else train_items, eval_sets,
-                  model_dir / "config.json")
+    check_lengths(args, model_args, tokenizer, train_items, eval_sets, model_dir / "config.json")
+    return Inputs(model_dir, model_args, tokenizer, eval_sets, val_sets, train_items, fingerprint, ckpt_path,
+                  ckpt, adapter)
 
-    # ── model and experts ──
-    model = Transformer.from_pretrained(model_dir, dtype=base_dtype, device=device)
-    if args.eval_only:
-        try:
-            omoe.load_adapters(omoe.add_experts(model, **adapter_config), adapter_state)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"--adapter {args.adapter}: {e}") from None
-        results = evaluate_all(model, tokenizer, eval_sets, args, autocast)
-        val_results = evaluate_all(model, tokenizer, val_sets, args, autocast)
-        if main_process:
-            if val_results:
-                print_table(None, val_results, VAL_TITLE)
-            if results:
-                print_table(None, results)
-            write_json(out / "results.json", {"config": vars(args), "adapter": adapter_config, "after": results,
+
+def experts_of(args, inputs: Inputs) -> dict:
+    """The add_experts arguments: those of --adapter, or of the flags."""
+    if inputs.adapter:
+        return inputs.adapter[0]
+    return dict(targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
+                dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
+
+
+def load_model(args, env: Env, inputs: Inputs):
+    """The base model; under --fsdp already with its experts (see parallel.py), which start at zero:
+    until trained, the adapted model computes exactly what the base model does."""
+    if args.fsdp:
+        return parallel.load_sharded(inputs.model_dir, env.dtype, env.device, args.seed, experts_of(args, inputs))
+    return Transformer.from_pretrained(inputs.model_dir, dtype=env.dtype, device=env.device)
+
+
+def add_experts(args, model, inputs: Inputs) -> None:
+    if not args.fsdp:  # under --fsdp they were added before sharding
+        torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
+        omoe.add_experts(model, **experts_of(args, inputs))
+
+
+def evaluate_adapter(args, env: Env, inputs: Inputs, model) -> int:
+    """--eval-only: the model with the adapters of --adapter, on the test and validation sets."""
+    add_experts(args, model, inputs)
+    try:
+        parallel.load_adapters(model, inputs.adapter[1])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--adapter {args.adapter}: {e}") from None
+    results = evaluate_all(model, inputs.tokenizer, inputs.eval_sets, args, env)
+    val_results = evaluate_all(model, inputs.tokenizer, inputs.val_sets, args, env)
+    if env.main:
+        if val_results:
+            print_table(None, val_results, VAL_TITLE)
+        if results:
+            print_table(None, results)
+        write_json(env.out / "results.json", {"config": vars(args), "adapter": inputs.adapter[0], "after": results,
                                               "val_after": val_results})
-        return 0
-    try:  # the last input check, before any work
-        omoe.check_targets(model, args.targets, args.lora_targets)
-    except ValueError as e:
-        raise UsageError(f"--targets {','.join(args.targets)}: {e}") from None
-    if main_process:
-        clear_run(out, replaced)  # every input has been checked: only now may --overwrite delete
-    before = val_before = None  # a resumed run has them in its checkpoint
-    if eval_sets and not args.skip_base_eval and not args.resume:
-        say("evaluating the base model ...")
-        before = evaluate_all(model, tokenizer, eval_sets, args, autocast)  # before the experts are added
-        say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
-    if val_sets and not args.skip_base_eval and not args.resume:
-        val_before = evaluate_all(model, tokenizer, val_sets, args, autocast)
-        say("base model validation accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in val_before.items()))
-    torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
-    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                     alpha=args.alpha, dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
-    if main_process:
-        trainable, total = omoe.print_trainable_parameters(model)
-    model.gradient_checkpointing = args.grad_checkpoint
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)  # `model` stays the uncompiled one we save
+    return 0
 
-    # ── optimizer and schedule ──
-    steps_per_epoch = len(train_items) // args.batch_size  # data.batch_indices skips an epoch's last partial batch
+
+def evaluate_base(args, env: Env, inputs: Inputs, model) -> tuple[dict | None, dict | None]:
+    """Test and validation accuracy before training (a resumed run has them in its checkpoint)."""
+    if inputs.ckpt is not None:
+        return inputs.ckpt["before"], inputs.ckpt.get("val_before")
+    before = val_before = None
+    if inputs.eval_sets and not args.skip_base_eval:
+        env.say("evaluating the base model ...")
+        before = evaluate_all(model, inputs.tokenizer, inputs.eval_sets, args, env)
+        env.say("base model accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in before.items()))
+    if inputs.val_sets and not args.skip_base_eval:
+        val_before = evaluate_all(model, inputs.tokenizer, inputs.val_sets, args, env)
+        env.say("base model validation accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}"
+                                                              for t, r in val_before.items()))
+    return before, val_before
+
+
+def wrap(args, env: Env, model):
+    """The module the loop calls: DDP over several processes (FSDP's sharding is already in `model`),
+    compiled with --compile; `model` stays the plain one whose adapters are saved."""
+    model.gradient_checkpointing = args.grad_checkpoint
+    train_model = parallel.ddp(model, env.device) if env.world > 1 and not args.fsdp else model
+    return torch.compile(train_model) if args.compile else train_model
+
+
+def make_optimizer(args, model, inputs: Inputs):
+    """AdamW on the adapters, a warm-up then --schedule; resumed from the checkpoint when there is one."""
+    steps_per_epoch = len(inputs.train_items) // args.batch_size  # data.batch_indices drops a partial batch
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    if inputs.ckpt is not None:
+        parallel.load_adapters(model, inputs.ckpt["adapters"])
+        parallel.load_optimizer_state(model, optimizer, inputs.ckpt["optimizer"])
+        scheduler.load_state_dict(inputs.ckpt["scheduler"])
+        set_rng_state(inputs.ckpt["rng"])
+    return optimizer, scheduler, steps_per_epoch, total_steps
 
-    # ── resume ──
-    start_step = 0
-    if args.resume:
-        omoe.load_adapters(model, ckpt["adapters"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_step, before, val_before = ckpt["step"], ckpt["before"], ckpt.get("val_before")
-        if main_process:
-            truncate_log(out / "log.jsonl", start_step)
-        say(f"resuming from {ckpt_path} at step {start_step} of {total_steps}")
 
-    # ── the loop ──
-    micro_steps = args.batch_size // (args.micro_batch_size * world)
+def train_step(args, env: Env, inputs: Inputs, model, train_model, step: int, record: bool):
+    """One optimizer step's forward and backward passes over this process's share of global batch `step`
+    -> (loss, tokens, diagnostics recorder or None). The data position is the step itself."""
+    micro_steps = args.batch_size // (args.micro_batch_size * env.world)
+    mine = data.batch_indices(len(inputs.train_items), args.batch_size, args.seed, step, env.rank, env.world)
+    batches = [data.collate([inputs.train_items[i] for i in mine[m::micro_steps]], inputs.tokenizer.pad_id)
+               for m in range(micro_steps)]
+    # Normalise by the response tokens of the whole global batch, so that the gradient is the same
+    # however the batch is split into micro-batches and processes (DDP and FSDP average over processes).
+    n_tokens = parallel.all_sum(sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in batches), env.device)
+    step_loss, tokens_seen, recorder = 0.0, 0, None
+    for m, (tokens, mask, labels) in enumerate(batches):
+        tokens, mask, labels = tokens.to(env.device), mask.to(env.device), labels.to(env.device)
+        last = m == micro_steps - 1
+        with parallel.gradient_sync(model, train_model, last), env.autocast, \
+                (omoe.record_diagnostics(model) if record and last else nullcontext()) as recorder:
+            if recorder is not None:
+                recorder.mask = mask
+            loss = loss_sum(train_model(tokens, mask), labels) / n_tokens
+            objective = loss
+            if args.aux_loss_coef:
+                objective = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro_steps / env.world
+            (objective * env.world).backward()
+        step_loss += loss.item()  # the language-model loss alone is what we log
+        tokens_seen += int(mask.sum())
+    return parallel.all_sum(step_loss, env.device), tokens_seen, recorder
+
+
+def save(args, env: Env, inputs: Inputs, model, optimizer, scheduler, done, steps_per_epoch, before) -> None:
+    """A resumable checkpoint: the adapters and optimizer state whole (gathered when sharded), on the main process."""
+    adapters, optimizer_state = parallel.adapter_state(model), parallel.optimizer_state(optimizer)
+    if env.main:
+        save_checkpoint(inputs.ckpt_path, adapters, optimizer_state, scheduler, done, steps_per_epoch, args,
+                        before[0], inputs.fingerprint, before[1])
+
+
+def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, scheduler, steps_per_epoch, total_steps,
+          before) -> tuple[int, dict]:
+    """The loop: steps, logs, evaluations during training, checkpoints -> (exit code, last diagnostics)."""
+    start_step = inputs.ckpt["step"] if inputs.ckpt else 0
+    if inputs.ckpt and env.main:
+        truncate_log(env.out / "log.jsonl", start_step)
+        print(f"resuming from {inputs.ckpt_path} at step {start_step} of {total_steps}")
     interrupt = Interrupt()
     model.train()
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not main_process)
-    t0, tokens_seen, loss_acc, loss_n, train_start = time.time(), 0, 0.0, 0, time.time()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not env.main)
+    t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
     last_stats = {}  # the diagnostics of the last logged step, printed at the end
     for step in bar:
-        # The data position is the step: this process's share of global batch `step`.
-        mine = data.batch_indices(len(train_items), args.batch_size, args.seed, step, rank, world)
-        batches = [data.collate([train_items[i] for i in mine[m::micro_steps]], tokenizer.pad_id)
-                   for m in range(micro_steps)]
-        # Normalise by the response tokens of the whole global batch, so that the gradient is the same
-        # however the batch is split into micro-batches and processes (DDP averages over processes).
-        n_tokens = all_sum(sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in batches), device)
-        record = args.log_every and (step + 1) % args.log_every == 0
-        step_loss = 0.0
-        for m, (tokens, mask, labels) in enumerate(batches):
-            tokens, mask, labels = tokens.to(device), mask.to(device), labels.to(device)
-            sync = m == micro_steps - 1 or world == 1
-            with (nullcontext() if sync else train_model.no_sync()), autocast, \
-                    (omoe.record_diagnostics(model) if record and sync else nullcontext()) as recorder:
-                if recorder is not None:
-                    recorder.mask = mask
-                loss = loss_sum(train_model(tokens, mask), labels) / n_tokens
-                objective = loss
-                if args.aux_loss_coef:
-                    objective = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro_steps / world
-                (objective * world).backward()
-            step_loss += loss.item()  # the language-model loss alone is what we log
-            tokens_seen += int(mask.sum())
-        step_loss = all_sum(step_loss, device)
+        done = step + 1
+        record = done % args.log_every == 0
+        step_loss, tokens, recorder = train_step(args, env, inputs, model, train_model, step, record)
         if not math.isfinite(step_loss):
-            raise TrainingDiverged(f"step {step + 1}: the loss is {step_loss}; stopping. The last good "
-                                   f"checkpoint is {ckpt_path}" + ("" if ckpt_path.exists() else " (none written yet)"))
+            path = inputs.ckpt_path
+            raise TrainingDiverged(f"step {done}: the loss is {step_loss}; stopping. The last good checkpoint is "
+                                   f"{path}" + ("" if path.exists() else " (none written yet)"))
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_acc, loss_n = loss_acc + step_loss, loss_n + 1
+        loss_acc, loss_n, tokens_seen = loss_acc + step_loss, loss_n + 1, tokens_seen + tokens
         bar.set_postfix(loss=f"{step_loss:.4f}")
-
-        done = step + 1
-        if record and main_process:
-            elapsed = time.time() - t0
+        if record and env.main:
             entry = {"step": done, "loss": loss_acc / loss_n, "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": tokens_seen * world / elapsed,  # from this process's share
+                     "tokens_per_s": tokens_seen * env.world / (time.time() - t0),  # from this process's share
                      "experts": recorder.summary() if recorder is not None else {}}
-            s = omoe.mean_diagnostics(entry["experts"])
-            bar.write(f"step {done}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, {entry['tokens_per_s']:.0f} tok/s"
-                      + (f", router p {[round(x, 3) for x in s['prob']]} load {[round(x, 3) for x in s['load']]}, "
-                         f"expert |cos| before Gram-Schmidt {s['cos_before']:.3f} after {s['cos_after']:.3f}"
-                         if s else ""))
-            append_log(out, entry)
+            log_step(bar, entry)
+            append_log(env.out, entry)
             last_stats = entry["experts"]
+        if record:
             t0, tokens_seen, loss_acc, loss_n = time.time(), 0, 0.0, 0
-        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and (val_sets or eval_sets)
-        stop = all_sum(float(interrupt.requested), device) > 0
-        save = stop or done % args.save_every == 0 or done == total_steps
-        if evaluate or save:
-            check_finite_adapters(model, f"step {done}")
+        evaluate = args.eval_every and done % args.eval_every == 0 and done < total_steps and (
+            inputs.val_sets or inputs.eval_sets)
+        stop = parallel.all_sum(float(interrupt.requested), env.device) > 0
+        checkpoint = stop or done % args.save_every == 0 or done == total_steps
+        if evaluate or checkpoint:
+            check_finite_adapters(model, f"step {done}", env.device)
         if evaluate:
-            key, watched = ("val", val_sets) if val_sets else ("eval", eval_sets)  # validation when there is one
-            results = evaluate_all(model, tokenizer, watched, args, autocast)
-            if main_process:
-                append_log(out, {"step": done, key: results})
+            key, watched = ("val", inputs.val_sets) if inputs.val_sets else ("eval", inputs.eval_sets)
+            results = evaluate_all(model, inputs.tokenizer, watched, args, env)
+            if env.main:
+                append_log(env.out, {"step": done, key: results})
                 bar.write(f"step {done}: " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items()))
-        if save:
-            if main_process:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, steps_per_epoch, args, before,
-                                fingerprint, val_before)
+        if checkpoint:
+            save(args, env, inputs, model, optimizer, scheduler, done, steps_per_epoch, before)
         if stop:
-            say(f"\nstopped at step {done}; checkpoint saved to {ckpt_path}. Continue with the same "
-                f"command and --resume.")
-            return 130
+            env.say(f"\nstopped at step {done}; checkpoint saved to {inputs.ckpt_path}. Continue with the same "
+                    f"command and --resume.")
+            return 130, last_stats
     bar.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C stops at once
-    train_time = time.time() - train_start
+    return 0, last_stats
 
-    # ── evaluate, save, report ──
-    after = evaluate_all(model, tokenizer, eval_sets, args, autocast) if eval_sets else {}
-    val_after = evaluate_all(model, tokenizer, val_sets, args, autocast) if val_sets else {}
-    if main_process:
-        try:
-            omoe.save_adapters(model, out / "adapter", base_model=str(model_dir))
-        except OSError as e:
-            raise SaveError(f"could not write the adapters to {out / 'adapter'} ({e.strerror or e}); "
-                            f"{ckpt_path} holds them: --resume evaluates and saves them again") from None
-        if val_after:
-            print_table(val_before, val_after, VAL_TITLE)
-        if after:
-            print_table(before, after)
-        if last_stats:
-            print_diversity(last_stats)
-        write_json(out / "results.json", {"config": vars(args), "trainable_params": trainable,
-                                          "total_params": total, "steps": total_steps,
-                                          "train_seconds": train_time, "before": before, "after": after,
-                                          "val_before": val_before, "val_after": val_after})
-        print(f"\nadapters: {out / 'adapter'}   results: {out / 'results.json'}   log: {out / 'log.jsonl'}")
-    return 0
+
+def log_step(bar, entry: dict) -> None:
+    s = omoe.mean_diagnostics(entry["experts"])
+    bar.write(f"step {entry['step']}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, "
+              f"{entry['tokens_per_s']:.0f} tok/s" +
+              (f", router p {[round(x, 3) for x in s['prob']]} load {[round(x, 3) for x in s['load']]}, "
+               f"expert |cos| before Gram-Schmidt {s['cos_before']:.3f} after {s['cos_after']:.3f}" if s else ""))
+
+
+def finish(args, env: Env, inputs: Inputs, model, before, last_stats: dict, total_steps: int, seconds: float):
+    """Evaluate the trained model, save its adapters, print and write the results."""
+    after = evaluate_all(model, inputs.tokenizer, inputs.eval_sets, args, env) if inputs.eval_sets else {}
+    val_after = evaluate_all(model, inputs.tokenizer, inputs.val_sets, args, env) if inputs.val_sets else {}
+    adapters = parallel.adapter_state(model)
+    if not env.main:
+        return
+    adapter_dir = env.out / "adapter"
+    try:
+        omoe.save_adapters(model, adapter_dir, base_model=str(inputs.model_dir), state=adapters)
+    except OSError as e:
+        raise SaveError(f"could not write the adapters to {adapter_dir} ({e.strerror or e}); "
+                        f"{inputs.ckpt_path} holds them: --resume evaluates and saves them again") from None
+    if val_after:
+        print_table(before[1], val_after, VAL_TITLE)
+    if after:
+        print_table(before[0], after)
+    if last_stats:
+        print_diversity(last_stats)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    write_json(env.out / "results.json", {"config": vars(args), "trainable_params": trainable,
+                                          "total_params": sum(p.numel() for p in model.parameters()),
+                                          "steps": total_steps, "train_seconds": seconds, "before": before[0],
+                                          "after": after, "val_before": before[1], "val_after": val_after})
+    print(f"\nadapters: {adapter_dir}   results: {env.out / 'results.json'}   log: {env.out / 'log.jsonl'}")
+
+
+def run(args) -> int:
+    env = setup(args)                           # device, processes, precision, --out
+    inputs = load_inputs(args, env)             # config, tokenizer, data, checkpoint: every input checked
+    model = load_model(args, env, inputs)       # the frozen base (sharded under --fsdp)
+    if args.eval_only:
+        return evaluate_adapter(args, env, inputs, model)
+    if env.main:
+        clear_run(env.out, env.replaced)        # every input has been checked: only now may --overwrite delete
+    before = evaluate_base(args, env, inputs, model)
+    add_experts(args, model, inputs)
+    if env.main:
+        omoe.print_trainable_parameters(model)
+    train_model = wrap(args, env, model)        # DDP, compile
+    optimizer, scheduler, steps_per_epoch, total_steps = make_optimizer(args, model, inputs)
+    start = time.time()
+    code, last_stats = train(args, env, inputs, model, train_model, optimizer, scheduler, steps_per_epoch,
+                             total_steps, before)
+    if code == 0:
+        finish(args, env, inputs, model, before, last_stats, total_steps, time.time() - start)
+    return code
 
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
-    code = 1
+    code, ours = 1, not dist.is_initialized()  # a process group made by run() is closed here
     try:
         code = run(args)
         return code
@@ -611,9 +710,10 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             # After a failure the other processes may be waiting in a collective: torchrun stops them
             # when this one exits, and a barrier here would wait forever.
-            if code == 0:
+            if code in (0, 130):
                 dist.barrier()
-            dist.destroy_process_group()
+            if ours:
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

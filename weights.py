@@ -182,6 +182,18 @@ def _read_header(path: Path, f) -> tuple[dict, dict, int]:
     return entries, metadata, 8 + n
 
 
+def _check_rows(path: Path, name: str, shape: tuple, out: torch.Tensor, start: int) -> None:
+    """`out` must have tensor `name`'s shape, or be its rows [start, start + len(out))."""
+    if out.dim() == 0 or len(shape) == 0:
+        fits = tuple(out.shape) == tuple(shape) and start == 0
+    else:
+        fits = tuple(out.shape[1:]) == tuple(shape[1:]) and 0 <= start and start + out.shape[0] <= shape[0]
+    if not fits:
+        rows = f" from row {start}" if start else ""
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(shape)}, but the destination has "
+                              f"shape {tuple(out.shape)}{rows}")
+
+
 class SafetensorsFile:
     """A safetensors file opened lazily: the header is read and checked at once; the data is
     memory-mapped and read one tensor at a time. Use as a context manager, or call close()."""
@@ -226,15 +238,17 @@ class SafetensorsFile:
             raw = raw.clone()
         return raw.view(dtype).view(shape)
 
-    def copy_into(self, name, out: torch.Tensor) -> None:
-        """Copy tensor `name` into `out` (same shape; any dtype, any device), then release the
-        pages it read, so that loading tensor by tensor holds about one copy of the weights."""
-        if tuple(out.shape) != self.shape(name):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, "
-                                  f"but the destination has shape {tuple(out.shape)}")
+    def copy_into(self, name, out: torch.Tensor, start: int = 0) -> None:
+        """Copy tensor `name`, or its rows [start, start + len(out)) (one rank's shard), into `out` (any
+        dtype, any device), then release the pages read, so that loading tensor by tensor holds about one
+        copy of the weights (of this rank's rows, when sharded)."""
+        _check_rows(self.path, name, self.shape(name), out, start)
         with torch.no_grad():
-            out.copy_(self._view(name))
-        _, _, begin, end = self._entries[name]
+            out.copy_(self._view(name)[start:start + out.shape[0]] if out.dim() else self._view(name))
+        dtype, shape, begin, end = self._entries[name]
+        if out.dim():  # the bytes of the rows copied
+            row = (end - begin) // max(shape[0], 1)
+            begin, end = begin + start * row, begin + (start + out.shape[0]) * row
         if end > begin and hasattr(mmap, "MADV_DONTNEED"):
             # Pages of a private mapping that were only read are the file's page-cache pages:
             # dropping them from this process costs a re-read at worst, and nothing was written.
@@ -389,12 +403,10 @@ class _BinFile:
     def dtype(self, name) -> torch.dtype:
         return self.tensors[name].dtype
 
-    def copy_into(self, name, out: torch.Tensor) -> None:
-        if tuple(out.shape) != self.shape(name):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, "
-                                  f"but the destination has shape {tuple(out.shape)}")
+    def copy_into(self, name, out: torch.Tensor, start: int = 0) -> None:
+        _check_rows(self.path, name, self.shape(name), out, start)
         with torch.no_grad():
-            out.copy_(self.tensors[name])
+            out.copy_(self.tensors[name][start:start + out.shape[0]] if out.dim() else self.tensors[name])
 
     def close(self) -> None:
         self.tensors = {}
@@ -419,7 +431,8 @@ class WeightReader:
 
     .shapes: {checkpoint name: shape}, e.g. "model.layers.0.self_attn.q_proj.weight" -> (4096, 4096)
     .dtypes: {checkpoint name: dtype as stored}
-    copy_into(name, out): fill `out` (same shape, any dtype/device) from the file holding `name`."""
+    copy_into(name, out, start=0): fill `out` (any dtype/device) from the file holding `name`: the whole
+        tensor, or its rows [start, start + len(out)) (a shard, see parallel.py)."""
 
     def __init__(self, directory):
         self.directory = Path(directory)
@@ -436,8 +449,8 @@ class WeightReader:
             self.close()
             raise
 
-    def copy_into(self, name, out: torch.Tensor) -> None:
-        self._owner[self._known(name)].copy_into(name, out)
+    def copy_into(self, name, out: torch.Tensor, start: int = 0) -> None:
+        self._owner[self._known(name)].copy_into(name, out, start)
 
     def path_of(self, name) -> Path:
         """The file that holds tensor `name`."""

@@ -24,7 +24,7 @@ keeps to --budget seconds and skips what no longer fits (the last stages matter 
                   LoRA, CUDA events after warm-up, the frozen base's forward+backward as the floor
   full-7b         the full 32-layer LLaMA-7B shape with gradient checkpointing, OMoE-2 and LoRA: fits? step time
   resume          an interrupted and resumed CUDA run against the uninterrupted one, loss by loss
-  torchrun        `torchrun --nproc_per_node 1 train.py` (nccl) against the single-process run
+  torchrun        `torchrun --nproc_per_node 1 train.py`, DDP and --fsdp (nccl), against the single-process run
   compile         train.py --compile against eager (float32 base), losses and final adapters
   speed-compiled  the speed stage with every block torch.compile'd
 
@@ -402,19 +402,20 @@ def resume(ctx):
         raise AssertionError("the resumed run does not reproduce the uninterrupted one")
 
 
-@stage("torchrun", 120)
+@stage("torchrun", 150)
 def torchrun(ctx):
     flags = SHORT if not ctx.dry else SHORT + ["--train-limit", "8", "--batch-size", "4", "--micro-batch-size", "4"]
     argv = train_cli(ctx, *flags)
     single = run_train(ctx, argv, ctx.tmp / "single")["losses"]
     ddp_argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *argv[1:]]
-    ddp = run_train(ctx, ddp_argv, ctx.tmp / "ddp")["losses"]
-    diff = max(abs(a - b) for a, b in zip(single, ddp))
     backend = "nccl" if ctx.device.type == "cuda" else "gloo"
-    say(f"- `torchrun --standalone --nproc_per_node 1 train.py --device {ctx.device.type} ...` ({backend}): "
-        f"{len(ddp)} losses, largest difference from the single-process run {diff:.2e}")
-    if len(ddp) != len(single) or diff > 1e-5 * max(single):
-        raise AssertionError("DDP with one process differs from the single-process run")
+    for name, extra in (("DDP", []), ("FSDP", ["--fsdp"])):
+        losses = run_train(ctx, ddp_argv + extra, ctx.tmp / name)["losses"]
+        diff = max(abs(a - b) for a, b in zip(single, losses))
+        say(f"- `torchrun --standalone --nproc_per_node 1 train.py --device {ctx.device.type} ...{' '.join(extra)}` "
+            f"({name}, {backend}): {len(losses)} losses, largest difference from the single-process run {diff:.2e}")
+        if len(losses) != len(single) or diff > 1e-5 * max(single):
+            raise AssertionError(f"{name} with one process differs from the single-process run")
 
 
 @stage("compile", 240)

@@ -65,9 +65,11 @@ def write_tiny_model(directory: Path, vocab_size: int, seed: int = 0, **override
     config = {"model_type": "llama", "hidden_size": args["dim"], "num_hidden_layers": args["n_layers"],
               "num_attention_heads": args["n_heads"], "num_key_value_heads": args["n_kv_heads"],
               "intermediate_size": args["hidden_dim"], "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": args["max_seq_len"], "tie_word_embeddings": False}
+              "max_position_embeddings": args["max_seq_len"],
+              "tie_word_embeddings": args.get("tie_embeddings", False)}
     (directory / "config.json").write_text(json.dumps(config))
-    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
+    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and config["tie_word_embeddings"])}  # as tied checkpoints are stored
     save_safetensors(state, directory / "model.safetensors")
     return directory
 

@@ -578,8 +578,8 @@ while True:
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
-    checkpoint.save_checkpoint(Path(sys.argv[1]), model, optimizer, scheduler, step, 10,
-                          argparse.Namespace(seed=0), None, "fingerprint")
+    checkpoint.save_checkpoint(Path(sys.argv[1]), omoe.adapter_state_dict(model), optimizer.state_dict(),
+                               scheduler, step, 10, argparse.Namespace(seed=0), None, "fingerprint")
     print(step, flush=True)
 """
 

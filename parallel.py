@@ -1,0 +1,210 @@
+"""Several processes, one per GPU, started by torchrun: data parallelism (DDP), a frozen base sharded
+with FSDP, and evaluation shared between the processes.
+
+    torchrun --nproc_per_node 8 train.py --model Llama-2-70b-hf ... --fsdp
+
+DDP (the default under torchrun) keeps a whole copy of the model in every process and averages the
+adapters' gradients. FSDP (PyTorch's fully_shard, "FSDP2") keeps 1/N of every tensor in each of the N
+processes: each transformer block, with its experts, is one unit whose weights are gathered just
+before it runs and freed after, so a 70B base (140 GB in bf16) trains on 8 GPUs of 40 GB. A tensor
+of R rows is split as torch.chunk splits it: process r holds rows [r·c, r·c + its length), c = ceil(R / N).
+
+Loading without N copies: the model is built on the meta device (shapes, no memory), its experts are
+added and initialised exactly as a single process does it (they are small), it is sharded, and only
+then each process reads its own rows of every base tensor from the memory-mapped checkpoint files.
+Adapters and optimizer state are gathered into whole tensors when saved, so the files are the ones
+a single process writes, and a run can resume with a different number of processes.
+"""
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import data
+import omoe
+from model import Transformer, checkpoint_names, load_config
+from weights import open_weights
+
+
+def setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is rank 0 of 1. A process
+    group that already exists (a script calling train.main more than once) is used as it is."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(x: float, device) -> float:
+    """Sum a number over all processes (identity in a single process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ── wrapping ──────────────────────────────────────────────────────────────────────────────────
+
+def ddp(model, device):
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+
+
+def load_sharded(model_dir, dtype, device, seed: int, experts: dict) -> Transformer:
+    """The model of `model_dir` with add_experts(**experts), sharded over all processes (FSDP2)."""
+    args = load_config(model_dir)
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    with open_weights(model_dir) as reader:
+        names = checkpoint_names(model.state_dict(), reader, model_dir, args.tie_embeddings)  # checked first
+        torch.manual_seed(seed)  # the same initial experts as a single process draws (train.py)
+        omoe.add_experts(model, **experts, device=device)
+        # The frozen base keeps its dtype (bf16 on CUDA), the adapters theirs (float32): each block's
+        # weights are gathered as they are stored, and the adapters' gradients are reduced in float32,
+        # so their optimizer state is float32 too. Autocast (train.py) makes the two meet in matmuls.
+        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm, lm_head
+        for module in model.modules():  # memory for this process's rows of the base, not yet loaded
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                module.to_empty(device=device, recurse=False)  # a tied lm_head follows embed_tokens
+        # OMoELinear keeps the frozen layer as .base_layer (as PEFT does): the checkpoint's name has none.
+        params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+        for name, file_name in names:
+            local, start = rows(params[name])
+            reader.copy_into(file_name, local, start)
+    return model.eval()
+
+
+def rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This process's rows of a parameter (or of a tensor sharded like one) and the index of the first."""
+    if not isinstance(t, DTensor):
+        return t, 0
+    assert t.placements == (Shard(0),), t.placements
+    c = -(-t.shape[0] // t.device_mesh.size())  # ceil: torch.chunk's chunk length
+    return t.to_local(), min(t.device_mesh.get_local_rank() * c, t.shape[0])
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(model, train_model, sync: bool):
+    """Accumulate gradients locally (no communication) unless `sync`, the last micro-batch of a step."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with train_model.no_sync():
+            yield
+    else:
+        yield
+
+
+# ── whole tensors for the files; shards back from them ────────────────────────────────────────
+
+def full(state: dict) -> dict:
+    """Every sharded tensor of a (nested) state gathered whole, on the CPU; a collective: every process calls it."""
+    if isinstance(state, dict):
+        return {k: full(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [full(v) for v in state]
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    return state.cpu() if isinstance(state, torch.Tensor) else state
+
+
+def adapter_state(model) -> dict:
+    """The adapters' weights, whole: what a single process's omoe.adapter_state_dict gives."""
+    return full(omoe.adapter_state_dict(model))
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state_dict with its (exp_avg, exp_avg_sq) shards gathered whole."""
+    return full(optimizer.state_dict())
+
+
+def load_adapters(model, state: dict) -> None:
+    """omoe.load_adapters for a sharded model: the whole tensors of `state` are checked, then each
+    process copies its own rows."""
+    if not is_sharded(model):
+        return omoe.load_adapters(model, state)
+    omoe.check_adapter_state(model, state)
+    with torch.no_grad():
+        for k, p in omoe.adapter_state_dict(model).items():
+            local, start = rows(p)
+            local.copy_(state[k][start:start + len(local)])
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, the whole tensors of a saved state sharded like their parameters."""
+    if is_sharded(model):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {**state, "state": {i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh,
+                                                             params[i].placements, src_data_rank=None)
+                                        if v.dim() else v for k, v in s.items()}
+                                    for i, s in state["state"].items()}}
+    optimizer.load_state_dict(state)
+
+
+def all_finite(tensors: list[torch.Tensor], device) -> list[bool]:
+    """For each tensor, whether all of it (all its shards) is finite; one exchange, not one per tensor."""
+    local = torch.stack([torch.isfinite(rows(t)[0]).all() for t in tensors]).to(device, torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(local, op=dist.ReduceOp.MIN)
+    return [bool(x) for x in local.tolist()]
+
+
+# ── evaluation, shared ────────────────────────────────────────────────────────────────────────
+
+def evaluate_tasks(model, tok, tasks: dict, mode: str, batch_size: int, max_new_tokens: int, device) -> dict:
+    """data.evaluate_tasks with each process answering every N-th example: N times faster, same results."""
+    if not dist.is_initialized():
+        return data.evaluate_tasks(model, tok, tasks, mode, batch_size, max_new_tokens)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for task, examples in tasks.items():
+        with lockstep(model, device):
+            mine = data.predict(model, tok, examples[rank::world], mode, batch_size, max_new_tokens)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        predictions = [everyone[i % world][i // world] for i in range(len(examples))]
+        results[task] = data.score(examples, predictions, mode)
+    return results
+
+
+@contextmanager
+def lockstep(model, device):
+    """Under FSDP every forward pass is collective (each block gathers its weights from all processes),
+    so every process must run as many as the others, though their examples differ in number and length.
+    Each forward is announced; a process that has finished runs empty forwards for as long as another
+    announces one (like DDP's Join). A model that is not sharded runs each process on its own."""
+    if not is_sharded(model):
+        yield
+        return
+    def announce(module, args):  # returns None: the forward's arguments are left as they are
+        all_sum(1, device)
+
+    handle = model.register_forward_pre_hook(announce, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+    dummy = torch.zeros(1, 1, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        while all_sum(0, device) > 0:
+            model(dummy)
+    model.train(was_training)
