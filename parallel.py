@@ -105,7 +105,7 @@ def gradient_sync(model, train_model, sync: bool):
     if is_sharded(model):
         model.set_requires_gradient_sync(sync)
         yield
-    elif isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not sync:
+    elif not sync and hasattr(train_model, "no_sync"):  # DDP, maybe compiled
         with train_model.no_sync():
             yield
     else:
@@ -164,6 +164,23 @@ def all_finite(tensors: list[torch.Tensor], device) -> list[bool]:
     if dist.is_initialized():
         dist.all_reduce(local, op=dist.ReduceOp.MIN)
     return [bool(x) for x in local.tolist()]
+
+
+def gather_diagnostics(recorder, device) -> None:
+    """Sum an omoe.DiagnosticsRecorder's counts over all processes, so that its summary describes the
+    tokens of every process, not only of this one."""
+    if recorder is None or not dist.is_initialized():
+        return
+    for name in sorted(recorder.sums):  # the same layers, in the same order, in every process
+        s = recorder.sums[name]
+        counts = torch.tensor([s["tokens"], s["pairs"], s["entropy"], s["cos_before"], s["cos_after"]],
+                              dtype=torch.float64)
+        flat = torch.cat([counts, s["load"].double(), s["prob"].double()]).to(device)
+        dist.all_reduce(flat)
+        tokens, pairs, entropy, before, after = flat[:5].tolist()
+        load, prob = flat[5:].float().cpu().chunk(2)
+        s.update(tokens=int(tokens), pairs=int(pairs), entropy=entropy, cos_before=before, cos_after=after,
+                 load=load, prob=prob)
 
 
 # ── evaluation, shared ────────────────────────────────────────────────────────────────────────

@@ -561,6 +561,7 @@ def train_step(args, env: Env, inputs: Inputs, model, train_model, step: int, re
             (objective * env.world).backward()
         step_loss += loss.item()  # the language-model loss alone is what we log
         tokens_seen += int(mask.sum())
+    parallel.gather_diagnostics(recorder, env.device)  # over every process's last micro-batch
     return parallel.all_sum(step_loss, env.device), tokens_seen, recorder
 
 

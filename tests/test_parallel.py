@@ -94,6 +94,10 @@ def losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+def diagnostics(out: Path) -> list[dict]:
+    return [e["experts"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "experts" in e]
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     """b gives a's losses, adapters, evaluation results, and files of the same shapes."""
     assert losses(b) == pytest.approx(losses(a), rel=1e-5)
@@ -128,6 +132,10 @@ def test_two_processes_ddp_and_fsdp_equal_one(world):
     assert_same_run(world / "omoe", world / "fsdp2-omoe")
     assert_same_run(world / "lora", world / "fsdp2-lora")
     assert_same_run(world / "omoe", world / "ddp2-omoe")
+    # The diagnostics are summed over the processes' last micro-batches: the same for DDP and FSDP.
+    for a, b in zip(*(diagnostics(world / run) for run in ("ddp2-omoe", "fsdp2-omoe"))):
+        assert a.keys() == b.keys() and all(a[k]["tokens"] == b[k]["tokens"] for k in a)
+        assert all(a[k][x] == pytest.approx(b[k][x], rel=1e-4) for k in a for x in ("load", "prob", "cos_before"))
     assert_same_run(world / "omoe", world / "fsdp2-cut")  # stopped at step 3, resumed: the uninterrupted run
     # The balance loss is computed on each process's micro-batches (as in every MoE trainer), so its value
     # depends on how the batch is split: FSDP matches DDP, which splits it the same way.
