@@ -354,6 +354,8 @@ def main(argv=None) -> None:
                                                         "32 questions per task (out: study/quick)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
+    p.add_argument("--first", action="append", default=[], metavar="METHOD",
+                   help="run this method's runs before the others (repeatable; the rest follow in plan order)")
     p.add_argument("--report", action="store_true",
                    help="rewrite results.json, results.md and lr.png from the records so far, run nothing")
     args = p.parse_args(argv)
@@ -369,8 +371,11 @@ def main(argv=None) -> None:
     settings.alpha_methods = tuple(m for m in settings.alpha_methods if m in settings.methods)
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
+    unknown = [m for m in args.first if m not in settings.methods]
+    if unknown:
+        p.error(f"--first {unknown[0]!r}: not a method of the study ({', '.join(settings.methods)})")
     study = Study(out, settings, log)
-    runs = plan(settings)
+    runs = sorted(plan(settings), key=lambda run: run.method not in args.first)  # stable: plan order within
     study.check_records(runs)
     if args.plan:
         for run in runs:
