@@ -127,6 +127,14 @@ def markdown(summary: dict, s) -> str:
                   "| method | " + " | ".join(f"block {b}" for b in blocks) + " |", "|---|" + "---|" * len(blocks)]
         for name, m in routed.items():
             lines.append(f"| {name} | " + " | ".join(f"{m['cos_before'][b]:.3f}" for b in blocks) + " |")
+    picked = {n: m for n, m in methods.items() if m["picked_lr"] and m["test"]}
+    if picked:
+        lines += ["", "### What one run gives: the range over seeds at the picked rate (for a lab, where each "
+                  "student runs one seed)", "", "| method | command | test average, lowest – highest | seeds |",
+                  "|---|---|---|---|"]
+        for name, m in picked.items():
+            command = " ".join(["python train.py --data assets/world-val", *s.methods[name], "--lr", m["picked_lr"]])
+            lines.append(f"| {name} | `{command}` | {min(m['test']):.3f} – {max(m['test']):.3f} | {len(m['test'])} |")
     lines += ["", "### Time per sweep run (one thread; wall clock as measured, on a possibly shared machine)", "",
               "| method | wall seconds | CPU seconds |", "|---|---|---|"]
     for name, m in methods.items():
