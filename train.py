@@ -126,7 +126,8 @@ def parse_args(argv=None):
       help="evaluate on validation only, never on the test (e.g. while choosing a setting)")
     a("--eval-every", type=int, default=0, help="also evaluate every N steps, on validation if there is any, "
                                                 "else on the test (0 = only before and after)")
-    a("--log-every", type=int, help="log loss, router load and expert similarity every N steps")
+    a("--log-every", type=int, help="log loss, each expert's router probability and load (share of tokens "
+                                    "routed to it) and expert similarity every N steps")
     a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
     a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
     a("--out", default="out", help="folder for logs, checkpoint, adapters and results.json")

@@ -53,3 +53,15 @@ def test_executes(name):
     finally:
         for path, content in figures.items():
             path.write_bytes(content)
+
+
+def test_architecture_figure_is_drawn_by_its_script(tmp_path):
+    """The README's figure of one OMoE layer comes from notebooks/figures/draw_architecture.py: the script runs."""
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("draw_architecture", NOTEBOOKS / "figures" / "draw_architecture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.draw(tmp_path / "omoe_layer.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (NOTEBOOKS / "figures" / "omoe_layer.png").is_file(), "the README shows notebooks/figures/omoe_layer.png"
