@@ -338,13 +338,13 @@ def load_validation(args) -> dict:
 
 def print_diversity(stats: dict) -> None:
     """The router and expert-diversity diagnostics of the last logged step, one row per block."""
-    print("\nexperts at the last logged step, mean over each block's adapted layers: the router's mean gate and"
-          "\nthe share of tokens sent to each expert; |cos| is the mean |cosine| between two experts' outputs"
-          "\nfor one token, before and after Gram-Schmidt (0 = orthogonal):")
-    print(f"{'block':<8}{'gate per expert':<20}{'tokens per expert':<20}{'|cos| before':>13}{'after':>8}")
+    print("\nexperts at the last logged step, mean over each block's adapted layers: the router's mean probability"
+          "\nper expert (before top-k), the share of tokens sent to each expert (its load); |cos| is the mean"
+          "\n|cosine| between two experts' outputs for one token, before and after Gram-Schmidt (0 = orthogonal):")
+    print(f"{'block':<8}{'router prob':<20}{'load':<20}{'|cos| before':>13}{'after':>8}")
     for block, s in omoe.diagnostics_by_block(stats).items():
-        gate, load = (" ".join(f"{x:.2f}" for x in s[k]) for k in ("prob", "load"))
-        print(f"{block:<8}{gate:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
+        prob, load = (" ".join(f"{x:.2f}" for x in s[k]) for k in ("prob", "load"))
+        print(f"{block:<8}{prob:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
 
 
 # ── the recipe, step by step ──────────────────────────────────────────────────────────────────
