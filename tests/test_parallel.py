@@ -87,10 +87,10 @@ def argv(root: Path, model: str, out: str, extra: list) -> list[str]:
 def torchrun(root: Path, nproc: int, jobs: list[dict]) -> list[int]:
     (root / "launcher.py").write_text(LAUNCHER.format(root=str(ROOT)))
     (root / f"jobs-{nproc}.json").write_text(json.dumps(jobs))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_port", str(29540 + nproc), str(root / "launcher.py"), str(root / f"jobs-{nproc}.json"),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(root / "launcher.py"), str(root / f"jobs-{nproc}.json"),
                            str(root / f"codes-{nproc}.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # --standalone: a free port
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((root / f"codes-{nproc}.json").read_text())
 
