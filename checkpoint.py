@@ -37,7 +37,10 @@ def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state(), **cuda}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(states: list | dict, rank: int = 0) -> None:
+    """Restore process `rank`'s state from a checkpoint's list of one per process (dropout draws differ
+    between processes); a checkpoint of fewer processes gives the first one's, an older one its only one."""
+    state = states if isinstance(states, dict) else states[rank] if rank < len(states) else states[0]
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
@@ -45,14 +48,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step: int, steps_per_epoch: int, args,
-                    before, fingerprint: str, val_before=None) -> None:
+                    before, fingerprint: str, val_before=None, rng: list | None = None) -> None:
     """Everything a resumed run needs, in one file written atomically (write_atomically),
     so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
     every entry let a resume tell a damaged file from a good one. adapters: omoe.adapter_state_dict;
-    optimizer: the optimizer's state_dict (both whole, also for a sharded model: parallel.py)."""
+    optimizer: the optimizer's state_dict (both whole, also for a sharded model: parallel.py); rng:
+    every process's rng_state(), rank by rank (default: this process's alone)."""
     state = {"adapters": {k: v.cpu() for k, v in adapters.items()},
              "optimizer": optimizer, "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "step": step, "args": vars(args), "before": before, "val_before": val_before,
+             "rng": rng if rng is not None else [rng_state()], "step": step, "args": vars(args), "before": before, "val_before": val_before,
              "data_fingerprint": fingerprint,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}

@@ -293,19 +293,21 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def score_candidates(model, tok: Tokenizer, examples: list[Example], batch_size: int = 16) -> list[list[float]]:
+def score_candidates(model, tok: Tokenizer, examples: list[Example], batch_size: int = 16,
+                     share: tuple[int, int] = (0, 1)) -> list[list[float | None]]:
     """Summed log-probability of each candidate's response "the correct answer is <label>" + EOS.
 
     EOS counts, as in training, so the response must end after the label: a label that is a prefix
     of another (say "answer1" of "answer10") gets no free ride. Summed, not averaged: the candidates
     share their prefix, so only the label tokens and EOS differ and sums compare like with like.
-    All (example, candidate) pairs are batched together, longest first to pad little."""
+    All (example, candidate) pairs are batched together, longest first to pad little. share=(i, n):
+    only every n-th batch from the i-th is scored (one process of n), the other scores are None."""
     pairs = [(e, c, *encode_pair(tok, prompt(ex), response_for(label)))
              for e, ex in enumerate(examples) for c, label in enumerate(ex.candidates)]
     pairs.sort(key=lambda p: -len(p[2]))
-    scores = [[0.0] * len(ex.candidates) for ex in examples]
+    scores = [[None] * len(ex.candidates) for ex in examples]
     device = _device(model)
-    for b in range(0, len(pairs), batch_size):
+    for b in range(share[0] * batch_size, len(pairs), share[1] * batch_size):
         chunk = pairs[b:b + batch_size]
         items = [{"input_ids": ids, "labels": [-100] * start + ids[start:]} for _, _, ids, start in chunk]
         tokens, mask, labels = (t.to(device) for t in collate(items, tok.pad_id))
@@ -324,21 +326,22 @@ def score_candidates(model, tok: Tokenizer, examples: list[Example], batch_size:
 
 @torch.no_grad()
 def generate_answers(model, tok: Tokenizer, examples: list[Example], batch_size: int = 16,
-                     max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of the prompts (left-padded batches), decoded up to the first stop id.
+                     max_new_tokens: int = 32, share: tuple[int, int] = (0, 1)) -> list[str | None]:
+    """Greedy continuations of the prompts (left-padded batches), decoded up to the first stop id;
+    share=(i, n): only every n-th batch from the i-th (one process of n), the other texts None.
 
     The original scripts decode with 4-beam search; greedy is the deterministic, cheaper choice."""
-    texts, device = [], _device(model)
-    for b in range(0, len(examples), batch_size):
+    texts, device = [None] * len(examples), _device(model)
+    for b in range(share[0] * batch_size, len(examples), share[1] * batch_size):
         prompts = [tok.encode(prompt(ex)) for ex in examples[b:b + batch_size]]
         T = max(map(len, prompts))
         tokens = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts])    # (B, T), left-padded
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])    # (B, T)
         out = model.generate(tokens.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                              temperature=0.0, eos_id=tok.stop_ids)                   # (B, T + n)
-        for row in out[:, T:].tolist():
-            end = next((i for i, t in enumerate(row) if t in tok.stop_ids), len(row))  # the first stop id
-            texts.append(tok.decode(row[:end]))
+        for i, row in enumerate(out[:, T:].tolist()):
+            end = next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))  # the first stop id
+            texts[b + i] = tok.decode(row[:end])
     return texts
 
 
@@ -360,7 +363,14 @@ def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likeli
 
 def predict(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
             max_new_tokens: int = 32) -> list[str | None]:
-    """The model's answer label for each example (None: no label found in a generated answer).
+    """The model's answer label for each example (None: no label found in a generated answer)."""
+    return labels(examples, answer(model, tok, examples, mode, batch_size, max_new_tokens), mode)
+
+
+def answer(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
+           max_new_tokens: int = 32, share: tuple[int, int] = (0, 1)) -> list:
+    """What the model says to each example: its candidates' scores (likelihood) or its text (generate);
+    share=(i, n) answers one process's batches of n (parallel.py), None elsewhere.
 
     The model is put in eval mode (no dropout) and given back in the mode it came in. Gradients are
     off through torch.no_grad rather than inference_mode, whose tensors could not be reused in
@@ -374,12 +384,17 @@ def predict(model, tok: Tokenizer, examples: list[Example], mode: str = "likelih
     model.eval()
     try:
         if mode == "likelihood":
-            scores = score_candidates(model, tok, examples, batch_size)
-            return [ex.candidates[max(range(len(s)), key=s.__getitem__)] for ex, s in zip(examples, scores)]
-        texts = generate_answers(model, tok, examples, batch_size, max_new_tokens)
-        return [extract_label(t, ex.candidates) for ex, t in zip(examples, texts)]
+            return score_candidates(model, tok, examples, batch_size, share)
+        return generate_answers(model, tok, examples, batch_size, max_new_tokens, share)
     finally:
         model.train(was_training)
+
+
+def labels(examples: list[Example], answers: list, mode: str = "likelihood") -> list[str | None]:
+    """answer()'s scores or texts -> the label each example chose (None: no label in the text)."""
+    if mode == "likelihood":
+        return [ex.candidates[max(range(len(s)), key=s.__getitem__)] for ex, s in zip(examples, answers)]
+    return [extract_label(t, ex.candidates) for ex, t in zip(examples, answers)]
 
 
 def score(examples: list[Example], predictions: list[str | None], mode: str = "likelihood") -> dict:

@@ -6,14 +6,15 @@ with FSDP, and evaluation shared between the processes.
 DDP (the default under torchrun) keeps a whole copy of the model in every process and averages the
 adapters' gradients. FSDP (PyTorch's fully_shard, "FSDP2") keeps 1/N of every tensor in each of the N
 processes: each transformer block, with its experts, is one unit whose weights are gathered just
-before it runs and freed after, so a 70B base (140 GB in bf16) trains on 8 GPUs of 40 GB. A tensor
-of R rows is split as torch.chunk splits it: process r holds rows [r·c, r·c + its length), c = ceil(R / N).
+before it runs and freed after, so each process holds 1/N of the base (a 70B base is 140 GB in bf16:
+17.5 GB per process on 8) plus a unit or two gathered whole. A tensor of R rows is split as
+torch.chunk splits it: process r holds rows [r·c, r·c + its length), c = ceil(R / N).
 
 Loading without N copies: the model is built on the meta device (shapes, no memory), its experts are
 added and initialised exactly as a single process does it (they are small), it is sharded, and only
 then each process reads its own rows of every base tensor from the memory-mapped checkpoint files.
 Adapters and optimizer state are gathered into whole tensors when saved, so the files are the ones
-a single process writes, and a run can resume with a different number of processes.
+a single process writes, and a run can resume with a different number of processes (tests/test_parallel.py).
 """
 
 import os
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -68,13 +70,15 @@ def load_sharded(model_dir, dtype, device, seed: int, experts: dict) -> Transfor
         names = checkpoint_names(model.state_dict(), reader, model_dir, args.tie_embeddings)  # checked first
         torch.manual_seed(seed)  # the same initial experts as a single process draws (train.py)
         omoe.add_experts(model, **experts, device=device)
-        # The frozen base keeps its dtype (bf16 on CUDA), the adapters theirs (float32): each block's
-        # weights are gathered as they are stored, and the adapters' gradients are reduced in float32,
-        # so their optimizer state is float32 too. Autocast (train.py) makes the two meet in matmuls.
+        # Each tensor is gathered in the dtype it is stored in: the frozen base in its own (bf16 on CUDA),
+        # the adapters in float32, whose gradients are reduced in float32 (FSDP2's defaults, spelled
+        # out: param_dtype=torch.bfloat16 would run the adapters in bf16). Autocast (train.py) makes
+        # the two meet in the matmuls, as on one GPU.
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # on --device, not the default GPU
         for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm, lm_head
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, lm_head
         for module in model.modules():  # memory for this process's rows of the base, not yet loaded
             if any(p.is_meta for p in module.parameters(recurse=False)):
                 module.to_empty(device=device, recurse=False)  # a tied lm_head follows embed_tokens
@@ -114,25 +118,35 @@ def gradient_sync(model, train_model, sync: bool):
 
 # ── whole tensors for the files; shards back from them ────────────────────────────────────────
 
-def full(state: dict) -> dict:
-    """Every sharded tensor of a (nested) state gathered whole, on the CPU; a collective: every process calls it."""
+def full(state, keep: bool = True):
+    """Every sharded tensor of a (nested) state gathered whole, on the CPU: a collective, every process
+    calls it; those with keep=False (all but the one that writes the file) keep nothing."""
     if isinstance(state, dict):
-        return {k: full(v) for k, v in state.items()}
+        return {k: full(v, keep) for k, v in state.items()}
     if isinstance(state, list):
-        return [full(v) for v in state]
+        return [full(v, keep) for v in state]
     if isinstance(state, DTensor):
-        return state.full_tensor().cpu()
-    return state.cpu() if isinstance(state, torch.Tensor) else state
+        state = state.full_tensor()
+    return (state.cpu() if keep else None) if isinstance(state, torch.Tensor) else state
 
 
-def adapter_state(model) -> dict:
+def adapter_state(model, keep: bool = True) -> dict:
     """The adapters' weights, whole: what a single process's omoe.adapter_state_dict gives."""
-    return full(omoe.adapter_state_dict(model))
+    return full(omoe.adapter_state_dict(model), keep)
 
 
-def optimizer_state(optimizer) -> dict:
+def optimizer_state(optimizer, keep: bool = True) -> dict:
     """The optimizer's state_dict with its (exp_avg, exp_avg_sq) shards gathered whole."""
-    return full(optimizer.state_dict())
+    return full(optimizer.state_dict(), keep)
+
+
+def rng_states(state: dict) -> list[dict]:
+    """Every process's random-number state (dropout draws differ between processes), rank by rank."""
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def load_adapters(model, state: dict) -> None:
@@ -151,9 +165,10 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     """optimizer.load_state_dict, the whole tensors of a saved state sharded like their parameters."""
     if is_sharded(model):
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        state = {**state, "state": {i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh,
-                                                             params[i].placements, src_data_rank=None)
-                                        if v.dim() else v for k, v in s.items()}
+
+        def shard_like(v, p):  # every process holds the whole tensor: it keeps its own rows, no communication
+            return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None) if v.dim() else v
+        state = {**state, "state": {i: {k: shard_like(v, params[i]) for k, v in s.items()}
                                     for i, s in state["state"].items()}}
     optimizer.load_state_dict(state)
 
@@ -186,19 +201,30 @@ def gather_diagnostics(recorder, device) -> None:
 # ── evaluation, shared ────────────────────────────────────────────────────────────────────────
 
 def evaluate_tasks(model, tok, tasks: dict, mode: str, batch_size: int, max_new_tokens: int, device) -> dict:
-    """data.evaluate_tasks with each process answering every N-th example: N times faster, same results."""
+    """data.evaluate_tasks with the batches dealt out: process r of N runs batches r, r + N, ... of the
+    single process's, so every batch, and so every score and answer, is the one a single process computes."""
     if not dist.is_initialized():
         return data.evaluate_tasks(model, tok, tasks, mode, batch_size, max_new_tokens)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    share = (dist.get_rank(), dist.get_world_size())
     results = {}
     for task, examples in tasks.items():
         with lockstep(model, device):
-            mine = data.predict(model, tok, examples[rank::world], mode, batch_size, max_new_tokens)
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-        predictions = [everyone[i % world][i // world] for i in range(len(examples))]
-        results[task] = data.score(examples, predictions, mode)
+            mine = data.answer(model, tok, examples, mode, batch_size, max_new_tokens, share)
+        answers = merge(mine)  # after lockstep: every process has finished its forward passes
+        results[task] = data.score(examples, data.labels(examples, answers, mode), mode)
     return results
+
+
+def merge(mine: list) -> list:
+    """Each process's answers (None where another process answered) -> everyone's, in every process."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+
+    def first(*xs):  # the one answer that is not None, elementwise through nested lists
+        if isinstance(xs[0], list):
+            return [first(*ys) for ys in zip(*xs)]
+        return next(x for x in xs if x is not None)
+    return [first(*answers) for answers in zip(*everyone)]
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ import data
 import omoe
 import parallel
 from checkpoint import (SaveError, append_log, check_out_dir, clear_run, data_fingerprint, load_checkpoint,
-                        save_checkpoint, set_rng_state, truncate_log, write_json)
+                        rng_state, save_checkpoint, set_rng_state, truncate_log, write_json)
 from model import ModelArgs, Transformer, check_memory, load_config
 from weights import resolve_hf_cache
 
@@ -498,10 +499,16 @@ def evaluate_adapter(args, env: Env, inputs: Inputs, model) -> int:
     return 0
 
 
-def evaluate_base(args, env: Env, inputs: Inputs, model) -> tuple[dict | None, dict | None]:
+class Before(NamedTuple):
+    """Accuracy per task before training: on the test and on validation (None: not evaluated)."""
+    test: dict | None
+    val: dict | None
+
+
+def evaluate_base(args, env: Env, inputs: Inputs, model) -> Before:
     """Test and validation accuracy before training (a resumed run has them in its checkpoint)."""
     if inputs.ckpt is not None:
-        return inputs.ckpt["before"], inputs.ckpt.get("val_before")
+        return Before(inputs.ckpt["before"], inputs.ckpt.get("val_before"))
     before = val_before = None
     if inputs.eval_sets and not args.skip_base_eval:
         env.say("evaluating the base model ...")
@@ -511,7 +518,7 @@ def evaluate_base(args, env: Env, inputs: Inputs, model) -> tuple[dict | None, d
         val_before = evaluate_all(model, inputs.tokenizer, inputs.val_sets, args, env)
         env.say("base model validation accuracy: " + ", ".join(f"{t} {r['accuracy']:.3f}"
                                                               for t, r in val_before.items()))
-    return before, val_before
+    return Before(before, val_before)
 
 
 def wrap(args, env: Env, model):
@@ -522,7 +529,7 @@ def wrap(args, env: Env, model):
     return torch.compile(train_model) if args.compile else train_model
 
 
-def make_optimizer(args, model, inputs: Inputs):
+def make_optimizer(args, env: Env, model, inputs: Inputs):
     """AdamW on the adapters, a warm-up then --schedule; resumed from the checkpoint when there is one."""
     steps_per_epoch = len(inputs.train_items) // args.batch_size  # data.batch_indices drops a partial batch
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -533,7 +540,7 @@ def make_optimizer(args, model, inputs: Inputs):
         parallel.load_adapters(model, inputs.ckpt["adapters"])
         parallel.load_optimizer_state(model, optimizer, inputs.ckpt["optimizer"])
         scheduler.load_state_dict(inputs.ckpt["scheduler"])
-        set_rng_state(inputs.ckpt["rng"])
+        set_rng_state(inputs.ckpt["rng"], env.rank)
     return optimizer, scheduler, steps_per_epoch, total_steps
 
 
@@ -566,16 +573,18 @@ def train_step(args, env: Env, inputs: Inputs, model, train_model, step: int, re
     return parallel.all_sum(step_loss, env.device), tokens_seen, recorder
 
 
-def save(args, env: Env, inputs: Inputs, model, optimizer, scheduler, done, steps_per_epoch, before) -> None:
+def save(args, env: Env, inputs: Inputs, model, optimizer, scheduler, done, steps_per_epoch, before: Before) -> None:
     """A resumable checkpoint: the adapters and optimizer state whole (gathered when sharded), on the main process."""
-    adapters, optimizer_state = parallel.adapter_state(model), parallel.optimizer_state(optimizer)
+    adapters = parallel.adapter_state(model, keep=env.main)
+    optimizer_state = parallel.optimizer_state(optimizer, keep=env.main)
+    rng = parallel.rng_states(rng_state())
     if env.main:
         save_checkpoint(inputs.ckpt_path, adapters, optimizer_state, scheduler, done, steps_per_epoch, args,
-                        before[0], inputs.fingerprint, before[1])
+                        before.test, inputs.fingerprint, before.val, rng)
 
 
 def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, scheduler, steps_per_epoch, total_steps,
-          before) -> tuple[int, dict]:
+          before: Before) -> tuple[int, dict]:
     """The loop: steps, logs, evaluations during training, checkpoints -> (exit code, last diagnostics)."""
     start_step = inputs.ckpt["step"] if inputs.ckpt else 0
     if inputs.ckpt and env.main:
@@ -641,11 +650,12 @@ def log_step(bar, entry: dict) -> None:
                f"expert |cos| before Gram-Schmidt {s['cos_before']:.3f} after {s['cos_after']:.3f}" if s else ""))
 
 
-def finish(args, env: Env, inputs: Inputs, model, before, last_stats: dict, total_steps: int, seconds: float):
+def finish(args, env: Env, inputs: Inputs, model, before: Before, last_stats: dict, total_steps: int, seconds: float,
+           counts: tuple[int, int]):
     """Evaluate the trained model, save its adapters, print and write the results."""
     after = evaluate_all(model, inputs.tokenizer, inputs.eval_sets, args, env) if inputs.eval_sets else {}
     val_after = evaluate_all(model, inputs.tokenizer, inputs.val_sets, args, env) if inputs.val_sets else {}
-    adapters = parallel.adapter_state(model)
+    adapters = parallel.adapter_state(model, keep=env.main)
     if not env.main:
         return
     adapter_dir = env.out / "adapter"
@@ -655,16 +665,15 @@ def finish(args, env: Env, inputs: Inputs, model, before, last_stats: dict, tota
         raise SaveError(f"could not write the adapters to {adapter_dir} ({e.strerror or e}); "
                         f"{inputs.ckpt_path} holds them: --resume evaluates and saves them again") from None
     if val_after:
-        print_table(before[1], val_after, VAL_TITLE)
+        print_table(before.val, val_after, VAL_TITLE)
     if after:
-        print_table(before[0], after)
+        print_table(before.test, after)
     if last_stats:
         print_diversity(last_stats)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    write_json(env.out / "results.json", {"config": vars(args), "trainable_params": trainable,
-                                          "total_params": sum(p.numel() for p in model.parameters()),
-                                          "steps": total_steps, "train_seconds": seconds, "before": before[0],
-                                          "after": after, "val_before": before[1], "val_after": val_after})
+    write_json(env.out / "results.json", {"config": vars(args), "trainable_params": counts[0],
+                                          "total_params": counts[1], "steps": total_steps, "train_seconds": seconds,
+                                          "before": before.test, "after": after, "val_before": before.val,
+                                          "val_after": val_after})
     print(f"\nadapters: {adapter_dir}   results: {env.out / 'results.json'}   log: {env.out / 'log.jsonl'}")
 
 
@@ -678,15 +687,14 @@ def run(args) -> int:
         clear_run(env.out, env.replaced)        # every input has been checked: only now may --overwrite delete
     before = evaluate_base(args, env, inputs, model)
     add_experts(args, model, inputs)
-    if env.main:
-        omoe.print_trainable_parameters(model)
+    counts = omoe.print_trainable_parameters(model) if env.main else None
     train_model = wrap(args, env, model)        # DDP, compile
-    optimizer, scheduler, steps_per_epoch, total_steps = make_optimizer(args, model, inputs)
+    optimizer, scheduler, steps_per_epoch, total_steps = make_optimizer(args, env, model, inputs)
     start = time.time()
     code, last_stats = train(args, env, inputs, model, train_model, optimizer, scheduler, steps_per_epoch,
                              total_steps, before)
     if code == 0:
-        finish(args, env, inputs, model, before, last_stats, total_steps, time.time() - start)
+        finish(args, env, inputs, model, before, last_stats, total_steps, time.time() - start, counts)
     return code
 
 

@@ -226,9 +226,13 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return self._entries[name]
 
-    def _view(self, name) -> torch.Tensor:
-        """The tensor's bytes in the mapping, without a copy (valid until close())."""
+    def _view(self, name, start: int = 0, rows: int | None = None) -> torch.Tensor:
+        """The tensor's bytes in the mapping, without a copy (valid until close()): all of it, or its
+        rows [start, start + rows)."""
         dtype, shape, begin, end = self._entry(name)
+        if rows is not None:  # the bytes of those rows alone
+            row = (end - begin) // max(shape[0], 1)
+            begin, end, shape = begin + start * row, begin + (start + rows) * row, (rows, *shape[1:])
         if end == begin:  # frombuffer refuses zero bytes
             return torch.empty(shape, dtype=dtype)
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
@@ -244,7 +248,7 @@ class SafetensorsFile:
         copy of the weights (of this rank's rows, when sharded)."""
         _check_rows(self.path, name, self.shape(name), out, start)
         with torch.no_grad():
-            out.copy_(self._view(name)[start:start + out.shape[0]] if out.dim() else self._view(name))
+            out.copy_(self._view(name, start, out.shape[0]) if out.dim() else self._view(name))
         dtype, shape, begin, end = self._entries[name]
         if out.dim():  # the bytes of the rows copied
             row = (end - begin) // max(shape[0], 1)

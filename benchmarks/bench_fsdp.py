@@ -117,8 +117,8 @@ def main() -> None:
           f"{'step s':>8}")
     for n in args.procs:
         report = Path(args.work) / f"report-{n}"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                        "--master_port", str(29600 + n), __file__, "--worker", "--work", args.work,
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                        __file__, "--worker", "--work", args.work,
                         "--steps", str(args.steps), "--seq", str(args.seq), "--report", str(report),
                         *(["--train"] if n in args.train_procs else [])],
                        check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)

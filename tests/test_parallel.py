@@ -1,7 +1,8 @@
 """train.py under torchrun on the CPU (gloo), with 2 and 3 processes: DDP and FSDP give the single
-process's losses, adapters, evaluation results and files; an FSDP run stopped and resumed gives the
-uninterrupted run. Each process count is one torchrun launch running every configuration in turn
-(starting processes is most of the cost)."""
+process's losses, adapters, evaluation results and files; an FSDP run stopped and resumed, by as many
+processes or by more, gives the uninterrupted run. Each process count is one torchrun launch calling
+train.main for every configuration in turn (starting processes is most of the cost); `torchrun train.py`
+itself, which makes and closes its process group, runs in gpu_check's dry run (tests/test_gpu_check.py)."""
 
 import json
 import os
@@ -25,7 +26,7 @@ LORA = ["--lora", "--eval-mode", "generate"]   # on a model with tied embeddings
 AUX = ["--experts", "3", "--top-k", "1", "--aux-loss-coef", "0.1"]
 
 LAUNCHER = """
-import json, sys
+import json, shutil, sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 import train
@@ -44,10 +45,14 @@ class StopAfter:  # Ctrl-C "arrives" during step n, in every process
         return self.checks >= self.n
 
 
-jobs, real = json.load(open(sys.argv[1])), train.Interrupt
-dist.init_process_group("gloo")
-codes = []
+jobs, real, codes = json.load(open(sys.argv[1])), train.Interrupt, []
+dist.init_process_group("gloo")  # one process group for every job: train.main uses it, and leaves it open
 for job in jobs:
+    if "copy" in job:
+        if dist.get_rank() == 0:
+            shutil.copytree(*job["copy"])
+        dist.barrier()
+        continue
     train.Interrupt = StopAfter(job["stop_after"]) if job.get("stop_after") else real
     codes.append(train.main(job["argv"]))
 if dist.get_rank() == 0:
@@ -82,10 +87,10 @@ def argv(root: Path, model: str, out: str, extra: list) -> list[str]:
 def torchrun(root: Path, nproc: int, jobs: list[dict]) -> list[int]:
     (root / "launcher.py").write_text(LAUNCHER.format(root=str(ROOT)))
     (root / f"jobs-{nproc}.json").write_text(json.dumps(jobs))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_port", str(29540 + nproc), str(root / "launcher.py"), str(root / f"jobs-{nproc}.json"),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(root / "launcher.py"), str(root / f"jobs-{nproc}.json"),
                            str(root / f"codes-{nproc}.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # --standalone: a free port
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((root / f"codes-{nproc}.json").read_text())
 
@@ -116,27 +121,33 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_two_processes_ddp_and_fsdp_equal_one(world):
+    drop = ["--dropout", "0.1"]  # each process draws its own dropout masks: a resume restores each one's
     codes = torchrun(world, 2, [
         {"argv": argv(world, "model", "fsdp2-omoe", [*OMOE, "--fsdp"])},
         {"argv": argv(world, "tied", "fsdp2-lora", [*LORA, "--fsdp"])},
         {"argv": argv(world, "model", "ddp2-omoe", OMOE)},
         {"argv": argv(world, "model", "fsdp2-cut", [*OMOE, "--fsdp"]), "stop_after": 3},
+        {"copy": [str(world / "fsdp2-cut"), str(world / "fsdp3-resumed")]},  # resumed by 3 processes below
         {"argv": argv(world, "model", "fsdp2-cut", [*OMOE, "--fsdp", "--resume"])},
         {"argv": argv(world, "model", "fsdp2-aux", [*AUX, "--fsdp"])},
         {"argv": argv(world, "model", "ddp2-aux", AUX)},
         {"argv": ["--model", str(world / "model"), "--eval-data", str(world / "data"), "--eval-limit", "7",
                   "--eval-only", "--adapter", str(world / "omoe" / "adapter"), "--out", str(world / "fsdp2-eval"),
                   "--fsdp"]},
+        {"argv": argv(world, "model", "fsdp2-drop", [*OMOE, *drop, "--fsdp"])},
+        {"argv": argv(world, "model", "fsdp2-drop-cut", [*OMOE, *drop, "--fsdp"]), "stop_after": 3},
+        {"argv": argv(world, "model", "fsdp2-drop-cut", [*OMOE, *drop, "--fsdp", "--resume"])},
     ])
-    assert codes == [0, 0, 0, 130, 0, 0, 0, 0]
+    assert codes == [0, 0, 0, 130, 0, 0, 0, 0, 0, 130, 0]
     assert_same_run(world / "omoe", world / "fsdp2-omoe")
     assert_same_run(world / "lora", world / "fsdp2-lora")
     assert_same_run(world / "omoe", world / "ddp2-omoe")
+    assert_same_run(world / "omoe", world / "fsdp2-cut")  # stopped at step 3, resumed: the uninterrupted run
+    assert_same_run(world / "fsdp2-drop", world / "fsdp2-drop-cut")  # with dropout too
     # The diagnostics are summed over the processes' last micro-batches: the same for DDP and FSDP.
     for a, b in zip(*(diagnostics(world / run) for run in ("ddp2-omoe", "fsdp2-omoe"))):
         assert a.keys() == b.keys() and all(a[k]["tokens"] == b[k]["tokens"] for k in a)
         assert all(a[k][x] == pytest.approx(b[k][x], rel=1e-4) for k in a for x in ("load", "prob", "cos_before"))
-    assert_same_run(world / "omoe", world / "fsdp2-cut")  # stopped at step 3, resumed: the uninterrupted run
     # The balance loss is computed on each process's micro-batches (as in every MoE trainer), so its value
     # depends on how the batch is split: FSDP matches DDP, which splits it the same way.
     assert_same_run(world / "ddp2-aux", world / "fsdp2-aux")
@@ -145,13 +156,17 @@ def test_two_processes_ddp_and_fsdp_equal_one(world):
 
 
 def test_three_processes_fsdp_equals_one(world):
+    if not (world / "fsdp3-resumed").exists():
+        pytest.skip("needs the checkpoint that test_two_processes_ddp_and_fsdp_equal_one leaves")
     codes = torchrun(world, 3, [
         {"argv": argv(world, "model", "fsdp3-omoe", [*OMOE, "--fsdp"])},
         {"argv": argv(world, "tied", "fsdp3-lora", [*LORA, "--fsdp"])},
+        {"argv": argv(world, "model", "fsdp3-resumed", [*OMOE, "--fsdp", "--resume"])},
     ])
-    assert codes == [0, 0]
+    assert codes == [0, 0, 0]
     assert_same_run(world / "omoe", world / "fsdp3-omoe")
     assert_same_run(world / "lora", world / "fsdp3-lora")
+    assert_same_run(world / "omoe", world / "fsdp3-resumed")  # saved by 2 processes, resumed by 3
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):

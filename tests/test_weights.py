@@ -421,3 +421,17 @@ def test_malformed_checksums_are_refused(tmp_path):
     path = raw_file(tmp_path / "x.safetensors", {"__metadata__": {"sha256": "[1, 2]"}})
     with pytest.raises(CheckpointError, match="'sha256' is not a JSON object of tensor name -> checksum"):
         load_safetensors(path)
+
+
+def test_copy_into_reads_one_shard_of_rows(tmp_path):
+    """What an FSDP process loads (parallel.load_sharded): rows [start, start + len(out)) of a tensor."""
+    t = torch.arange(24, dtype=torch.float32).view(6, 4)
+    save_safetensors({"w": t}, tmp_path / "a.safetensors")
+    with SafetensorsFile(tmp_path / "a.safetensors") as f:
+        out = torch.empty(2, 4)
+        f.copy_into("w", out, start=3)
+        assert torch.equal(out, t[3:5])
+        f.copy_into("w", torch.empty(0, 4), start=6)  # the empty shard of a process past the last row
+        with pytest.raises(CheckpointError, match=r"has shape \(6, 4\), but the destination has shape \(2, 4\) "
+                                                  r"from row 5$"):
+            f.copy_into("w", torch.empty(2, 4), start=5)
