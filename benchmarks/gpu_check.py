@@ -32,7 +32,6 @@ keeps to --budget seconds and skips what no longer fits (the last stages matter 
 """
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -421,8 +420,8 @@ def torchrun(ctx):
 @stage("compile", 240)
 def compile_train(ctx):
     """train.py --compile against eager, float32 base so that the two can agree closely."""
-    if ctx.dry:  # code generation takes minutes on a small CPU: the dry run checks that Dynamo traces it
-        torch.compile = functools.partial(torch.compile, backend="eager")
+    if ctx.dry:  # tests/test_train.py traces --compile itself; the dry run checks this stage's own code
+        torch.compile = lambda model, **kw: model
     flags = ["--dtype", "float32", "--max-steps", "4" if ctx.dry else "16", "--log-every", "2" if ctx.dry else "4"]
     t0 = time.time()
     if in_process_train(ctx, flags, ctx.tmp / "eager") != 0:
@@ -445,8 +444,8 @@ def compile_train(ctx):
 
 @stage("speed-compiled", 300)
 def speed_compiled(ctx):
-    if ctx.dry:  # nn.Module.compile calls torch.compile
-        torch.compile = functools.partial(torch.compile, backend="eager")
+    if ctx.dry:  # nn.Module.compile calls torch.compile: as in compile_train, only this stage's code is checked
+        torch.compile = lambda model, **kw: model
     speed(ctx, compiled=True)
 
 
