@@ -355,7 +355,8 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     p.add_argument("--first", action="append", default=[], metavar="METHOD",
-                   help="run this method's runs before the others (repeatable; the rest follow in plan order)")
+                   help="run this method's runs before the others (repeatable, in the order given; the rest follow "
+                        "in plan order)")
     p.add_argument("--report", action="store_true",
                    help="rewrite results.json, results.md and lr.png from the records so far, run nothing")
     args = p.parse_args(argv)
@@ -375,7 +376,8 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"--first {unknown[0]!r}: not a method of the study ({', '.join(settings.methods)})")
     study = Study(out, settings, log)
-    runs = sorted(plan(settings), key=lambda run: run.method not in args.first)  # stable: plan order within
+    first = {m: i for i, m in enumerate(args.first)}  # in the order given; the rest after, in plan order
+    runs = sorted(plan(settings), key=lambda run: first.get(run.method, len(first)))
     study.check_records(runs)
     if args.plan:
         for run in runs:
