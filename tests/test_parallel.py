@@ -27,23 +27,10 @@ AUX = ["--experts", "3", "--top-k", "1", "--aux-loss-coef", "0.1"]
 
 LAUNCHER = """
 import json, shutil, sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 import torch.distributed as dist
 import train
-
-
-class StopAfter:  # Ctrl-C "arrives" during step n, in every process
-    def __init__(self, n):
-        self.n, self.checks = n, 0
-
-    def __call__(self):
-        return self
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.n
-
+from test_train import StopAfter  # Ctrl-C "arrives" during step n, in every process
 
 jobs, real, codes = json.load(open(sys.argv[1])), train.Interrupt, []
 dist.init_process_group("gloo")  # one process group for every job: train.main uses it, and leaves it open
