@@ -100,6 +100,16 @@ def trainable_parameters(flags: list[str]) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def normalises(flags: list[str]) -> bool:
+    """Whether a method's experts' outputs are scaled to unit length (orthonormal or normalized), as its layers
+    are built: one expert keeps no Gram-Schmidt unless --orth normalized."""
+    import train
+    _, args = train.parse_args(flags)
+    layer = omoe.OMoELinear(torch.nn.Linear(4, 4, device="meta"), experts=args.experts, top_k=args.top_k,
+                            rank=1, alpha=1.0, orth=args.orth)
+    return layer.orth in ("orthonormal", "normalized")
+
+
 def matched_lora_rank(target: int) -> int:
     """The LoRA rank whose trainable parameters are closest to `target`."""
     return min(range(1, 129), key=lambda r: abs(trainable_parameters(["--lora", "--rank", str(r)]) - target))

@@ -145,33 +145,38 @@ def markdown(summary: dict, s) -> str:
 
 
 def figure(summary: dict, s, path: Path) -> None:
-    """Validation accuracy against the learning rate, one line per method, the pick marked."""
+    """Validation accuracy against the learning rate, one line per method, the pick marked; two panels:
+    the methods whose experts' outputs are scaled to unit length, and those whose are not."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
+    titles = ("outputs not normalised", "outputs normalised to unit length")
+    majority = summary["baselines"]["val"]["majority"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        if majority:
+            ax.axhline(study.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
     for name, m in summary["methods"].items():
         lrs = [lr for lr in s.lrs if m["sweep"].get(lr)]
         if not lrs:
             continue
+        ax = axes[int(study.normalises(summary["flags"][name]))]
         mean = [statistics.mean(m["sweep"][lr]) for lr in lrs]
         std = [study.mean_std(m["sweep"][lr])[1] for lr in lrs]
-        line = ax.errorbar([float(lr) for lr in lrs], mean, yerr=std, marker="o", capsize=2, label=name,
-                           linestyle="--" if "vanilla" in name or "LoRA" in name else "-")
+        line = ax.errorbar([float(lr) for lr in lrs], mean, yerr=std, marker="o", capsize=2, label=name)
         if m["picked_lr"]:
             ax.plot(float(m["picked_lr"]), statistics.mean(m["sweep"][m["picked_lr"]]), marker="*", markersize=14,
                     color=line[0].get_color())
-    majority = summary["baselines"]["val"]["majority"]
-    if majority:
-        ax.axhline(study.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy (mean over tasks)")
-    ax.set_title("Accuracy against learning rate (mean ± std over seeds; ★ the pick)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    axes[0].set_ylabel("validation accuracy (mean over tasks)")
+    fig.suptitle(f"Accuracy against learning rate (mean ± std over {len(s.sweep_seeds)} seeds; ★ the pick)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

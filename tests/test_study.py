@@ -132,3 +132,11 @@ def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tm
     assert "| A | 1,000 | 5e-3 (edge) | 0.800 | 0.700 ± 0.071 | 0.700 | 0.700 | 60 |" in md
     assert "| majority | 0.600 | 0.600 |" in md  # the sweep's table too shows the baselines (validation)
     assert "0.99" not in md and (tmp_path / "lr.png").is_file()
+
+
+def test_the_figure_splits_methods_by_whether_their_layers_normalise(study):
+    # The figure's two panels follow the layers train.py would build, not the method's name.
+    normalised = {m for m, flags in study.methods().items() if study.normalises(flags)}
+    assert normalised == {"normalised LoRA (1 expert)", "OMoE-2 orthonormal", "normalised only, 2 experts",
+                          "OMoE-4 soft", "OMoE-8 soft", "OMoE top-2 of 8"}
+    assert not study.normalises(["--lora", "--orth", "orthonormal"])  # one expert: nothing to orthonormalise
