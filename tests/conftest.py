@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ from model import ModelArgs, Transformer
 from weights import save_safetensors
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
+
+# Under pytest-xdist (`-n 2`) each worker takes one core: one thread each, for the workers and the train.py,
+# torchrun and notebook processes they start (two threads per process on two shared cores run several times
+# slower than one).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Text with the shapes the tokenizer will meet: the prompt template, every label family, digits, spaces.
 CORPUS = [

@@ -36,6 +36,7 @@ def test_stored_with_outputs(name):
     assert not errors, f"{name} is stored with errors: {errors}"
 
 
+@pytest.mark.xdist_group("notebooks")  # one worker runs them all: they rewrite notebooks/figures/ and restore it
 @pytest.mark.parametrize("name", NAMES)
 def test_executes(name):
     """Run every cell in a fresh python3 kernel, in notebooks/; any cell error fails the test.
