@@ -75,15 +75,14 @@ QUICK = dict(methods=("LoRA r=16", "vanilla MoE-LoRA soft-2", "OMoE-2 orthonorma
              alpha_methods=("normalised only, 2 experts",), eval_every=20,
              train_flags=["--max-steps", "60"], eval_flags=["--eval-limit", "32"])
 
-# Seconds of one sweep run of LoRA r=16 on one thread: an OMoE-2 sweep run (120 steps and the validation
-# evaluation) took 94 s of CPU time on a shared 2-core machine, and OMoE-2's step took 1.88x LoRA's in the
-# previous study, whose step-time ratios scale the other methods (those of the two normalised methods are
-# guesses, between LoRA's and OMoE-2's). --plan uses the records' own times wherever there are any.
-UNIT_SECONDS = 50.0
-RELATIVE_COST = {"LoRA r=16": 1.0, MATCHED: 0.97, "normalised LoRA (1 expert)": 1.05, "vanilla MoE-LoRA soft-2": 1.18,
-                 "vanilla top-2 of 8": 1.56, "vanilla top-2 of 8 + balance loss": 1.64, "OMoE-2 orthonormal": 1.88,
-                 "OMoE-2 orthogonal": 1.92, "normalised only, 2 experts": 1.6, "OMoE-4 soft": 2.21,
-                 "OMoE-8 soft": 3.6, "OMoE top-2 of 8": 3.48}
+# CPU seconds of one sweep run of LoRA r=16 on one thread, and each method's sweep run relative to it: the
+# means of the full study's records (study/results.md, "Time per sweep run"; a shared 2-core machine).
+# --plan uses the records' own times wherever there are any.
+UNIT_SECONDS = 64.0
+RELATIVE_COST = {"LoRA r=16": 1.0, MATCHED: 1.05, "normalised LoRA (1 expert)": 1.17, "vanilla MoE-LoRA soft-2": 1.09,
+                 "vanilla top-2 of 8": 1.61, "vanilla top-2 of 8 + balance loss": 1.58, "OMoE-2 orthonormal": 1.64,
+                 "OMoE-2 orthogonal": 1.61, "normalised only, 2 experts": 1.30, "OMoE-4 soft": 1.81,
+                 "OMoE-8 soft": 3.14, "OMoE top-2 of 8": 3.16}
 # A stage's cost in sweep runs: a test evaluation is ~0.25 of a run, a validation evaluation ~0.17.
 STAGE_COST = {"sweep": 1.0, "alpha": 1.0, "retest": 0.45, "final": 1.0 + 0.25 + 0.17 * 4}
 
