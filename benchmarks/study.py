@@ -202,6 +202,11 @@ def within_noise(a: list[float], b: list[float]) -> bool:
     return abs(statistics.mean(a) - statistics.mean(b)) < 2 * se
 
 
+def last_loss(log: list[dict]) -> float | None:
+    """A run's training loss at its end: the mean over its last logged interval (train.py's log.jsonl)."""
+    return next((e["loss"] for e in reversed(log) if "loss" in e), None)
+
+
 def average(result: dict) -> float:
     """A run's per-task accuracies -> their mean (the published tables average tasks, not questions)."""
     return statistics.mean(result.values())
@@ -295,6 +300,7 @@ class Study:
                   "diagnostics": omoe.diagnostics_by_block(next((e["experts"] for e in reversed(log)
                                                                   if e.get("experts")), {})),
                   "trainable": result.get("trainable_params"),
+                  "train_loss": last_loss(log),
                   "wall_seconds": time.time() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                   "peak_rss_mib": usage.ru_maxrss / 1024}
         path = self.record_path(run)

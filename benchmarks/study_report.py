@@ -28,6 +28,8 @@ def summarise(method: str, rs: list[dict], s) -> dict:
     alpha = {f: [study.average(r["val"]) for r in rs if r["stage"] == "alpha" and r["alpha_factor"] == f]
              for f in s.alpha_factors}
     diag = [r["diagnostics"] for r in final if r["diagnostics"]]
+    # A retest evaluates a sweep run's adapters: its training loss is that run's.
+    trained = {(r["seed"], r["lr"]): r.get("train_loss") for r in rs if r["stage"] in ("sweep", "final")}
     blocks = sorted(diag[0], key=int) if diag else []
     return {
         "trainable": next((r["trainable"] for r in rs if r["trainable"]), None),
@@ -37,6 +39,7 @@ def summarise(method: str, rs: list[dict], s) -> dict:
         "test": [study.average(r["test"]) for r in final],
         "test_tasks": {t: [r["test"][t] for r in final] for t in (final[0]["test"] if final else {})},
         "seeds": [r["seed"] for r in final],
+        "train_loss": [trained.get((r["seed"], r["lr"])) for r in final],
         "steps_to_90": [study.steps_to_fraction(c) for c in curves],
         "final_val": [c[-1][1] for c in curves],
         "alpha": {f: v for f, v in {1.0: [study.average(r["val"]) for r in final if r["stage"] == "final"],
@@ -135,6 +138,15 @@ def markdown(summary: dict, s) -> str:
         for name, m in picked.items():
             command = " ".join(["python train.py --data assets/world-val", *s.methods[name], "--lr", m["picked_lr"]])
             lines.append(f"| {name} | `{command}` | {min(m['test']):.3f} – {max(m['test']):.3f} | {len(m['test'])} |")
+    fitted = {name: m for name, m in methods.items() if m["test"] and any(x is not None for x in m["train_loss"])}
+    if fitted:
+        lines += ["", "### Does a seed that fails on the test fit its training questions? (each seed at the pick: "
+                  "training loss over the last logged 40 steps / test average, lowest test first)", "",
+                  "| method | seeds |", "|---|---|"]
+        for name, m in fitted.items():
+            pairs = sorted(zip(m["test"], m["train_loss"]))
+            lines.append(f"| {name} | " + ", ".join(f"{'—' if loss is None else f'{loss:.3f}'} / {acc:.3f}"
+                                                  for acc, loss in pairs) + " |")
     lines += ["", "### Time per sweep run (one thread; wall clock as measured, on a possibly shared machine)", "",
               "| method | wall seconds | CPU seconds |", "|---|---|---|"]
     for name, m in methods.items():

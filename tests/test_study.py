@@ -68,7 +68,7 @@ def test_the_plan_meets_the_protocol(study):
     assert len({(r.method, r.name) for r in runs}) == len(runs)  # every run has its own record
 
 
-def fake_record(study, tmp_path, run, val, test=None):
+def fake_record(study, tmp_path, run, val, test=None, train_loss=None):
     path = study.Study(tmp_path, SETTINGS(study)).record_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     tasks = {"t1": val, "t2": val}
@@ -80,7 +80,7 @@ def fake_record(study, tmp_path, run, val, test=None):
         "baselines": {"val": {t: {"chance": 0.5, "majority": 0.6} for t in tasks},
                       "test": {t: {"chance": 0.5, "majority": 0.55} for t in tasks} if test is not None else {}},
         "val_curve": [[20, val / 2], [60, val]] if run.stage == "final" else [], "diagnostics": {},
-        "trainable": 1000, "wall_seconds": 10.0, "cpu_seconds": 9.0, "peak_rss_mib": 1.0}))
+        "trainable": 1000, "train_loss": train_loss, "wall_seconds": 10.0, "cpu_seconds": 9.0, "peak_rss_mib": 1.0}))
 
 
 def SETTINGS(study):
@@ -119,19 +119,26 @@ def test_resume_runs_only_what_has_no_record_and_picks_from_validation(study, tm
 def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tmp_path):
     import study_report
     for lr, val in (("1e-3", 0.6), ("5e-3", 0.8)):
-        fake_record(study, tmp_path, study.Run("A", "sweep", 0, lr), val)
+        fake_record(study, tmp_path, study.Run("A", "sweep", 0, lr), val, train_loss=float(lr) * 40)
     fake_record(study, tmp_path, study.Run("A", "retest", 0, "5e-3"), 0.8, 0.75)
     fake_record(study, tmp_path, study.Run("A", "final", 1, "1e-3"), 0.9, 0.99)  # not at the pick: never shown
     assert study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]["alpha"] == {}  # no new run at the pick yet
-    fake_record(study, tmp_path, study.Run("A", "final", 1, "5e-3"), 0.7, 0.65)
+    fake_record(study, tmp_path, study.Run("A", "final", 1, "5e-3"), 0.7, 0.65, train_loss=0.1)
     m = study_report.write(tmp_path, SETTINGS(study))["methods"]["A"]
+    assert m["train_loss"] == [0.2, 0.1]  # the retest's adapters were trained by the sweep run at 5e-3
     assert m["picked_lr"] == "5e-3" and m["pick_at_edge"] and m["test"] == [0.75, 0.65]
     assert m["steps_to_90"] == [60] and m["alpha"] == {1.0: [0.7]}  # x 1: the new final run's validation
     md = (tmp_path / "results.md").read_text()
     assert "| chance | | | 0.500 | 0.500 |" in md and "| majority | | | 0.600 | 0.550 |" in md
     assert "| A | 1,000 | 5e-3 (edge) | 0.800 | 0.700 ± 0.071 | 0.700 | 0.700 | 60 |" in md
     assert "| majority | 0.600 | 0.600 |" in md  # the sweep's table too shows the baselines (validation)
+    assert "| A | 0.100 / 0.650, 0.200 / 0.750 |" in md  # training loss / test, lowest test first
     assert "0.99" not in md and (tmp_path / "lr.png").is_file()
+
+
+def test_a_runs_training_loss_is_its_last_logged_interval(study):
+    log = [{"step": 40, "loss": 1.0}, {"step": 40, "val": {}}, {"step": 80, "loss": 0.5}, {"step": 80, "val": {}}]
+    assert study.last_loss(log) == 0.5 and study.last_loss([]) is None
 
 
 def test_the_figure_splits_methods_by_whether_their_layers_normalise(study):
