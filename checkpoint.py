@@ -56,7 +56,8 @@ def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step
     every process's rng_state(), rank by rank (default: this process's alone)."""
     state = {"adapters": {k: v.cpu() for k, v in adapters.items()},
              "optimizer": optimizer, "scheduler": scheduler.state_dict(),
-             "rng": rng if rng is not None else [rng_state()], "step": step, "args": vars(args), "before": before, "val_before": val_before,
+             "rng": rng if rng is not None else [rng_state()], "step": step, "args": vars(args),
+             "before": before, "val_before": val_before,
              "data_fingerprint": fingerprint,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
