@@ -356,8 +356,8 @@ def baselines(examples: list[Example]) -> dict:
 
 def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood", batch_size: int = 16,
              max_new_tokens: int = 32) -> dict:
-    """Accuracy on one task -> {"accuracy", "correct", "n", "chance", "majority"} (see baselines), plus
-    "no_label" in generate mode (answers in which no label was found; they count as wrong)."""
+    """Accuracy on one task -> {"accuracy", "correct", "n", "chance", "majority"} (see baselines), "answers"
+    (label -> how often the model chose it), plus "no_label" in generate mode (answers in which no label was found; they count as wrong)."""
     return score(examples, predict(model, tok, examples, mode, batch_size, max_new_tokens), mode)
 
 
@@ -402,7 +402,10 @@ def score(examples: list[Example], predictions: list[str | None], mode: str = "l
     if not examples:
         raise ValueError("no examples to evaluate")
     correct = sum(p == ex.answer for p, ex in zip(predictions, examples))
-    result = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples), **baselines(examples)}
+    result = {"accuracy": correct / len(examples), "correct": correct, "n": len(examples), **baselines(examples),
+              # how often each label was answered: one label answered every time is a model that ignores
+              # the question (it then scores the majority rate at best)
+              "answers": dict(Counter(p for p in predictions if p is not None).most_common())}
     if mode == "generate":
         result["no_label"] = sum(p is None for p in predictions)
     return result

@@ -14,6 +14,7 @@ resume -> the loop -> final evaluation and saving.
 import argparse
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -323,6 +324,29 @@ def print_table(before: dict | None, after: dict, title: str = "test") -> None:
         b = f"{before[task]['accuracy']:9.3f}" if before else f"{'-':>9}"
         extra = f"   (no label in {r['no_label']} answers)" if "no_label" in r else ""
         print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{r['majority']:9.3f}{b}{r['accuracy']:9.3f}{extra}")
+    mean = {k: sum(r[k] for r in after.values()) / len(after) for k in ("chance", "majority", "accuracy")}
+    b = f"{average(before):9.3f}" if before else f"{'-':>9}"
+    print(f"{'average':<16}{'':>6}{mean['chance']:9.3f}{mean['majority']:9.3f}{b}{mean['accuracy']:9.3f}")
+
+
+def average(results: dict | None) -> float | None:
+    """The mean accuracy over tasks (tasks weigh alike, as in the published tables), or None."""
+    return sum(r["accuracy"] for r in results.values()) / len(results) if results else None
+
+
+def averages(**results) -> dict:
+    return {key: average(r) for key, r in results.items()}
+
+
+def environment(device: torch.device) -> dict:
+    """What a result was computed with: runs on other torch releases or processors differ in rounding,
+    and a small model's training can follow the difference as it would another seed."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None
+    if device.type == "cpu" and Path("/proc/cpuinfo").is_file():
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return {"torch": torch.__version__, "device": device.type, "device_name": name,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 VAL_TITLE = "validation (held out of training, for choosing settings; the test is for reporting them)"
@@ -495,7 +519,9 @@ def evaluate_adapter(args, env: Env, inputs: Inputs, model) -> int:
         if results:
             print_table(None, results)
         write_json(env.out / "results.json", {"config": vars(args), "adapter": inputs.adapter[0], "after": results,
-                                              "val_after": val_results})
+                                              "val_after": val_results,
+                                              "average": averages(after=results, val_after=val_results),
+                                              "environment": environment(env.device)})
     return 0
 
 
@@ -673,7 +699,10 @@ def finish(args, env: Env, inputs: Inputs, model, before: Before, last_stats: di
     write_json(env.out / "results.json", {"config": vars(args), "trainable_params": counts[0],
                                           "total_params": counts[1], "steps": total_steps, "train_seconds": seconds,
                                           "before": before.test, "after": after, "val_before": before.val,
-                                          "val_after": val_after})
+                                          "val_after": val_after,
+                                          "average": averages(before=before.test, after=after, val_before=before.val,
+                                                              val_after=val_after),
+                                          "environment": environment(env.device)})
     print(f"\nadapters: {adapter_dir}   results: {env.out / 'results.json'}   log: {env.out / 'log.jsonl'}")
 
 

@@ -69,6 +69,7 @@ REFERENCE = "OMoE-2 orthonormal"  # the noise rule compares every method with it
 DATA = ROOT / "assets" / "world-val"  # the embedded tasks with validation: <task>/{train,val,test}.json
 ALPHA_METHODS = ("OMoE-2 orthonormal", "normalised only, 2 experts", "normalised LoRA (1 expert)", "LoRA r=16")
 LRS = ("5e-4", "1e-3", "2e-3", "5e-3", "1e-2", "2e-2")
+GRID = ("1e-4", "2e-4", *LRS, "5e-2")  # the 1-2-5 steps a sweep may be extended along (Settings.extend)
 SWEEP_SEEDS, FINAL_SEEDS, ALPHA_FACTORS, EVAL_EVERY = (0, 1), (0, 1, 2, 3, 4), (0.25, 4.0), 24
 QUICK = dict(methods=("LoRA r=16", "vanilla MoE-LoRA soft-2", "OMoE-2 orthonormal", "normalised only, 2 experts"),
              lrs=("1e-3", "5e-3", "2e-2"), sweep_seeds=(0,), final_seeds=(0, 1), alpha_factors=(4.0,),
@@ -152,7 +153,7 @@ class Run:
 @dataclass
 class Settings:
     methods: dict
-    lrs: tuple = LRS
+    lrs: tuple | dict = LRS   # the sweep's rates: for every method, or {method: its rates}
     sweep_seeds: tuple = SWEEP_SEEDS
     final_seeds: tuple = FINAL_SEEDS
     alpha_factors: tuple = ALPHA_FACTORS
@@ -160,6 +161,11 @@ class Settings:
     eval_every: int = EVAL_EVERY
     train_flags: list = field(default_factory=list)  # added to every training run (--quick: fewer steps)
     eval_flags: list = field(default_factory=list)   # added to every run (--quick: fewer questions)
+    extend: bool = False      # a pick at the sweep's smallest or largest rate adds the next rate of GRID
+    sweep_curves: bool = False  # the sweep's runs too evaluate validation every eval_every steps
+
+    def rates(self, method: str) -> tuple:
+        return self.lrs[method] if isinstance(self.lrs, dict) else self.lrs
 
 
 def plan(s: Settings) -> list[Run]:
@@ -167,7 +173,9 @@ def plan(s: Settings) -> list[Run]:
     runs (which wait for the sweep's pick). Methods in METHODS order, so results arrive method by method."""
     runs = []
     for m in s.methods:
-        runs += [Run(m, "sweep", seed, lr) for lr in s.lrs for seed in s.sweep_seeds]
+        runs += [Run(m, "sweep", seed, lr) for lr in s.rates(m) for seed in s.sweep_seeds]
+        if s.extend:  # a sweep run whose rate is known once the others are done, or none
+            runs += [Run(m, "sweep", seed, None) for seed in s.sweep_seeds]
         runs += [Run(m, "retest" if seed in s.sweep_seeds else "final", seed, None) for seed in s.final_seeds]
         if m in s.alpha_methods:
             runs += [Run(m, "alpha", seed, None, f) for f in s.alpha_factors for seed in alpha_seeds(s)]
@@ -183,6 +191,17 @@ def alpha_seeds(s: Settings) -> tuple:
 def pick_lr(val_by_lr: dict[str, list[float]]) -> str:
     """The learning rate with the highest mean validation accuracy (ties: the smaller rate)."""
     return max(sorted(val_by_lr, key=float), key=lambda lr: statistics.mean(val_by_lr[lr]))
+
+
+def extension(val_by_lr: dict[str, list[float]]) -> str | None:
+    """The next rate of GRID beyond the sweep's pick when it is the smallest or largest rate swept, else None."""
+    rates, pick = sorted(val_by_lr, key=float), pick_lr(val_by_lr)
+    step = -1 if pick == rates[0] else 1 if pick == rates[-1] else 0
+    i = GRID.index(pick) + step
+    return GRID[i] if step and 0 <= i < len(GRID) else None
+
+
+NO_RUN = object()  # what an extension resolves to when the sweep's pick is inside it
 
 
 def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.9) -> int:
@@ -226,18 +245,28 @@ class Study:
         path = self.record_path(run)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def sweep(self, method: str) -> dict[str, list[float]] | None:
-        """{lr: [validation average per seed]} once every sweep run of the method is recorded, else None."""
+    def sweep(self, method: str, rates: tuple | None = None) -> dict[str, list[float]] | None:
+        """{lr: [validation average per seed]} once every sweep run of the method is recorded (its extension
+        too, with Settings.extend), else None. rates: these rates only, no extension."""
+        extend = rates is None and self.s.extend
+        rates = rates or self.s.rates(method)
         records = {(lr, seed): self.record(Run(method, "sweep", seed, lr))
-                   for lr in self.s.lrs for seed in self.s.sweep_seeds}
+                   for lr in rates for seed in self.s.sweep_seeds}
         if any(r is None for r in records.values()):
             return None
-        return {lr: [average(records[lr, seed]["val"]) for seed in self.s.sweep_seeds] for lr in self.s.lrs}
+        sweep = {lr: [average(records[lr, seed]["val"]) for seed in self.s.sweep_seeds] for lr in rates}
+        beyond = extension(sweep) if extend else None
+        return self.sweep(method, (*rates, beyond)) if beyond else sweep
 
     def resolve(self, run: Run) -> Run | None:
-        """The run with its learning rate: for final, retest and alpha runs the sweep's pick (None until then)."""
+        """The run with its learning rate: for final, retest and alpha runs the sweep's pick, for a sweep's
+        extension the rate beyond its pick or NO_RUN (None until the sweep says)."""
         if run.lr is not None:
             return run
+        if run.stage == "sweep":
+            core = self.sweep(run.method, self.s.rates(run.method))
+            beyond = None if core is None else extension(core)
+            return None if core is None else Run(run.method, "sweep", run.seed, beyond) if beyond else NO_RUN
         sweep = self.sweep(run.method)
         return None if sweep is None else Run(run.method, run.stage, run.seed, pick_lr(sweep), run.alpha_factor)
 
@@ -261,7 +290,7 @@ class Study:
             flags += ["--alpha", f"{args.alpha * run.alpha_factor:g}"]
         if run.stage in ("sweep", "alpha"):
             flags.append("--skip-test-eval")
-        if run.stage == "final":
+        if run.stage == "final" or (run.stage == "sweep" and self.s.sweep_curves):
             flags += ["--eval-every", str(self.s.eval_every)]
         return flags
 
@@ -288,8 +317,10 @@ class Study:
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()] \
             if (folder / "log.jsonl").is_file() else []
         accuracies = lambda r: {t: x["accuracy"] for t, x in (r or {}).items()} or None  # noqa: E731
+        answers = lambda r: {t: x["answers"] for t, x in (r or {}).items() if "answers" in x} or None  # noqa: E731
         val = accuracies(result.get("val_after"))
         curve = [[e["step"], average(accuracies(e["val"]))] for e in log if "val" in e]  # --eval-every
+        answer_curve = [[e["step"], answers(e["val"])] for e in log if "val" in e]
         record = {"method": run.method, "stage": run.stage, "seed": run.seed, "lr": run.lr,
                   "alpha_factor": run.alpha_factor, "flags": self.flags(run), "val": val,
                   "test": accuracies(result.get("after")),
@@ -297,6 +328,10 @@ class Study:
                   "baselines": {split: {t: {k: x[k] for k in ("chance", "majority")} for t, x in (r or {}).items()}
                                 for split, r in (("val", result.get("val_after")), ("test", result.get("after")))},
                   "val_curve": curve + [[result["steps"], average(val)]] if curve else [],
+                  "answers": {"val": answers(result.get("val_after")), "test": answers(result.get("after")),
+                              "val_curve": answer_curve + [[result["steps"], answers(result.get("val_after"))]]
+                              if answer_curve else []},
+                  "environment": result.get("environment"),
                   "diagnostics": omoe.diagnostics_by_block(next((e["experts"] for e in reversed(log)
                                                                   if e.get("experts")), {})),
                   "trainable": result.get("trainable_params"),
@@ -313,36 +348,14 @@ class Study:
     def check_records(self, runs: list[Run]) -> None:
         """A recorded run made with other flags than this study would use: refuse to mix the two."""
         for run in runs:
-            resolved, record = self.resolve(run), None
-            record = self.record(resolved) if resolved else None
+            resolved = self.resolve(run)
+            record = self.record(resolved) if resolved and resolved is not NO_RUN else None
             if record is not None and record["flags"] != self.flags(resolved):
                 raise SystemExit(f"study.py: error: {self.record_path(resolved)} was made with other flags "
                                  f"({' '.join(record['flags'])}); use another --out or delete it")
 
     def run_all(self, runs: list[Run], jobs: int, on_record) -> None:
-        """Runs in plan order, `jobs` at a time; a run waiting for its method's pick starts once it is known."""
-        pending, running = list(runs), {}
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            while pending or running:
-                for run in list(pending):
-                    if len(running) >= jobs:
-                        break
-                    resolved = self.resolve(run)
-                    if resolved is None:
-                        continue  # its sweep is not finished
-                    pending.remove(run)
-                    if self.record(resolved) is None:
-                        running[pool.submit(self.execute, resolved)] = resolved
-                if not running:
-                    if pending:  # nothing runnable and nothing running: a sweep cannot finish
-                        raise RuntimeError(f"cannot resolve {pending[0]}")
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    run = running.pop(future)
-                    future.result()
-                    self.log(f"done  {run.method}: {run.name}")
-                    on_record()
+        run_all([(self, run) for run in runs], jobs, on_record, self.log)
 
     def estimate(self, runs: list[Run], jobs: int) -> float:
         """Seconds of wall-clock time for the runs not yet recorded, --jobs at a time."""
@@ -354,12 +367,39 @@ class Study:
         total = 0.0
         for run in runs:
             resolved = self.resolve(run)
-            if resolved is not None and self.record(resolved) is not None:
+            if resolved is NO_RUN or resolved is not None and self.record(resolved) is not None:
                 continue
             seconds = measured.get((run.method, run.stage))
             total += (statistics.mean(seconds) if seconds else
                       scale * UNIT_SECONDS * RELATIVE_COST[run.method] * STAGE_COST[run.stage])
         return total / jobs
+
+
+def run_all(runs: list[tuple[Study, Run]], jobs: int, on_record, log=print) -> None:
+    """Runs (of one or several studies) in the order given, `jobs` at a time; a run waiting for its method's
+    pick starts once it is known."""
+    pending, running = list(runs), {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for study, run in list(pending):
+                if len(running) >= jobs:
+                    break
+                resolved = study.resolve(run)
+                if resolved is None:
+                    continue  # its sweep is not finished
+                pending.remove((study, run))
+                if resolved is not NO_RUN and study.record(resolved) is None:
+                    running[pool.submit(study.execute, resolved)] = resolved
+            if not running:
+                if pending:  # nothing runnable and nothing running: a sweep cannot finish
+                    raise RuntimeError(f"cannot resolve {pending[0][1]}")
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                future.result()
+                log(f"done  {run.method}: {run.name}")
+                on_record()
 
 
 def main(argv=None) -> None:

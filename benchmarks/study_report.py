@@ -20,9 +20,15 @@ def records(out: Path) -> list[dict]:
 
 def summarise(method: str, rs: list[dict], s) -> dict:
     """One method's records -> its sweep, pick, test seeds, 90% steps, alpha check and diagnostics."""
-    sweep = {lr: [study.average(r["val"]) for r in rs if r["stage"] == "sweep" and r["lr"] == lr] for lr in s.lrs}
-    complete = all(len(v) == len(s.sweep_seeds) for v in sweep.values())
-    pick = study.pick_lr(sweep) if complete else None
+    rates = sorted({*s.rates(method), *(r["lr"] for r in rs if r["stage"] == "sweep")}, key=float)
+    sweep = {lr: [study.average(r["val"]) for r in rs if r["stage"] == "sweep" and r["lr"] == lr] for lr in rates}
+    swept = [lr for lr in s.rates(method)]
+    complete = all(len(sweep[lr]) == len(s.sweep_seeds) for lr in swept)
+    beyond = study.extension({lr: sweep[lr] for lr in swept}) if complete and s.extend else None
+    if beyond:
+        swept.append(beyond)
+        complete = len(sweep.get(beyond, [])) == len(s.sweep_seeds)
+    pick = study.pick_lr({lr: sweep[lr] for lr in swept}) if complete else None
     final = sorted((r for r in rs if r["stage"] in ("final", "retest") and r["lr"] == pick), key=lambda r: r["seed"])
     curves = [r["val_curve"] for r in final if r["val_curve"]]
     alpha = {f: [study.average(r["val"]) for r in rs if r["stage"] == "alpha" and r["alpha_factor"] == f]
@@ -35,7 +41,7 @@ def summarise(method: str, rs: list[dict], s) -> dict:
         "trainable": next((r["trainable"] for r in rs if r["trainable"]), None),
         "sweep": {lr: v for lr, v in sweep.items() if v},
         "picked_lr": pick,
-        "pick_at_edge": pick in (s.lrs[0], s.lrs[-1]),
+        "pick_at_edge": pick in (min(swept, key=float), max(swept, key=float)),
         "test": [study.average(r["test"]) for r in final],
         "test_tasks": {t: [r["test"][t] for r in final] for t in (final[0]["test"] if final else {})},
         "seeds": [r["seed"] for r in final],
@@ -72,6 +78,7 @@ def markdown(summary: dict, s) -> str:
     methods, base = summary["methods"], summary["baselines"]
     tasks = sorted(base["test"]["chance"])
     ref = methods.get(study.REFERENCE, {}).get("test", [])
+    rates = sorted({lr for m in methods.values() for lr in m["sweep"]}, key=float)
     n_seeds = len(s.final_seeds)
     header = ["method", "trainable", "picked lr", "val at the pick", "test average", *tasks,
               "steps to 90% of final val", f"vs {study.REFERENCE}"]
@@ -102,13 +109,13 @@ def markdown(summary: dict, s) -> str:
     lines += ["", "(edge): the picked rate is the sweep's smallest or largest; the best rate may lie outside it.",
               f"vs {study.REFERENCE}: the noise rule, a gap of more than twice the standard error of the difference.",
               "", f"### Validation accuracy over the learning-rate sweep (mean ± std over {len(s.sweep_seeds)} seeds; "
-              "**bold**: the pick)", "", "| method | " + " | ".join(s.lrs) + " |", "|---|" + "---|" * len(s.lrs)]
+              "**bold**: the pick)", "", "| method | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
     val_baselines = {n: study.average(base["val"][n]) for n in ("chance", "majority") if base["val"][n]}
     for name, value in val_baselines.items():  # the same at every rate: no model involved
-        lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in s.lrs) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in rates) + " |")
     for name, m in methods.items():
-        cells = [fmt(m["sweep"].get(lr, [])) for lr in s.lrs]
-        cells = [f"**{c}**" if lr == m["picked_lr"] else c for lr, c in zip(s.lrs, cells)]
+        cells = [fmt(m["sweep"].get(lr, [])) for lr in rates]
+        cells = [f"**{c}**" if lr == m["picked_lr"] else c for lr, c in zip(rates, cells)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     alpha_rows = {n: m for n, m in methods.items() if n in s.alpha_methods and m["alpha"]}
     if alpha_rows:
@@ -173,7 +180,7 @@ def figure(summary: dict, s, path: Path) -> None:
         if majority:
             ax.axhline(study.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
     for name, m in summary["methods"].items():
-        lrs = [lr for lr in s.lrs if m["sweep"].get(lr)]
+        lrs = sorted((lr for lr in m["sweep"] if m["sweep"][lr]), key=float)
         if not lrs:
             continue
         ax = axes[int(study.normalises(summary["flags"][name]))]

@@ -309,7 +309,8 @@ def test_likelihood_picks_the_rigged_answer_in_any_batch_size(tok):
     for batch_size in (1, 3, 64):
         result = data.evaluate(oracle, tok, examples, "likelihood", batch_size=batch_size)
         assert result == {"accuracy": 1.0, "correct": 7, "n": 7, "chance": pytest.approx((3 / 3 + 3 / 2 + 1 / 5) / 7),
-                          "majority": 2 / 7}  # answer1 is the gold label twice
+                          "majority": 2 / 7,  # answer1 is the gold label twice
+                          "answers": {"answer1": 2, "answer2": 1, "answer3": 1, "true": 1, "false": 1, "option2": 1}}
     assert oracle.training and not any(oracle.seen_training)  # eval inside, training mode given back
     # Rigged towards each first candidate (right only for examples 2, 3 and 6), it follows.
     contrarian = Oracle(gold_sequences(tok, examples, lambda e: e.candidates[0]), tok.vocab_size)
@@ -353,7 +354,7 @@ def test_generate_mode_extracts_first_label_and_counts_answers_without_one(tok):
                          "Short?": "the correct answer is answer3"})  # "answer1" after EOS must not count
     result = data.evaluate(model, tok, examples, "generate", batch_size=2)
     assert result == {"accuracy": 1 / 3, "correct": 1, "n": 3, "chance": pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3),
-                      "majority": 1 / 3, "no_label": 1}
+                      "majority": 1 / 3, "answers": {"answer2": 1, "answer3": 1}, "no_label": 1}
     with pytest.raises(ValueError, match="eval mode must be 'likelihood' or 'generate', got 'beam'"):
         data.evaluate(model, tok, examples, "beam")
 
