@@ -8,9 +8,7 @@ Shapes: B batch, T tokens in this call, S keys attended to (cached + new), D dim
 H query heads, K key/value heads, hd head_dim, F hidden_dim of the MLP, V vocab_size.
 """
 
-import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,164 +18,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from weights import CheckpointError, open_weights, resolve_hf_cache
+from plumbing import config, hub
+from plumbing.weights import checkpoint_names, open_weights
 
 
 @dataclass
 class ModelArgs:
-    dim: int = 4096  # hidden_size: width of the residual stream
-    n_layers: int = 32  # num_hidden_layers
-    n_heads: int = 32  # num_attention_heads (query heads)
-    n_kv_heads: int = 32  # num_key_value_heads; fewer than n_heads = grouped-query attention
+    dim: int = 4096              # hidden_size: width of the residual stream
+    n_layers: int = 32           # num_hidden_layers
+    n_heads: int = 32            # num_attention_heads (query heads)
+    n_kv_heads: int = 32         # num_key_value_heads; fewer than n_heads: grouped-query attention
     vocab_size: int = 32000
-    hidden_dim: int = 11008  # intermediate_size of the SwiGLU feed-forward
-    head_dim: int | None = None  # None = dim // n_heads; some checkpoints set it explicitly
-    norm_eps: float = 1e-6  # rms_norm_eps
+    hidden_dim: int = 11008      # intermediate_size of the SwiGLU feed-forward
+    head_dim: int | None = None  # None: dim // n_heads; some checkpoints set it
+    norm_eps: float = 1e-6       # rms_norm_eps
     rope_theta: float = 10000.0  # base of the rotary frequencies
-    max_seq_len: int = 2048  # max_position_embeddings: the longest context generate() builds (dynamic RoPE: more)
-    tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares embed_tokens' weight
-    rope_scaling: dict | None = None  # None = plain RoPE, else {"rope_type": "linear" | "dynamic" | "llama3", ...}
-    sliding_window: int | None = None  # Mistral: each token attends to itself and the window - 1 before it
+    max_seq_len: int = 2048      # max_position_embeddings: the longest context generate() builds
+    tie_embeddings: bool = False        # tie_word_embeddings: lm_head shares embed_tokens' weight
+    rope_scaling: dict | None = None    # None: plain RoPE; else {"rope_type": "linear", ...}
+    sliding_window: int | None = None   # Mistral: attend to itself and the window - 1 before it
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        assert self.n_heads % self.n_kv_heads == 0 and self.head_dim % 2 == 0, "heads, even hd"
 
     @classmethod
     def from_hf_config(cls, d: dict) -> "ModelArgs":
-        """Read a Hugging Face LLaMA config.json dict; refuse what this model does not implement."""
-        check_hf_config(d)
-        if d.get("model_type", "llama") not in ("llama", "mistral"):
-            raise ValueError(f"model_type={d['model_type']!r} is not supported (only 'llama' and 'mistral')")
-        kind = d.get("model_type", "llama")
-        if d.get("sliding_window") is not None and kind != "mistral":
-            raise ValueError(f"sliding_window={d['sliding_window']!r} with model_type={kind!r}: transformers' "
-                             f"LLaMA ignores it, only 'mistral' has a sliding window")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key):
-                raise ValueError(f"{key}={d[key]!r} is not supported (the projections have no bias)")
-        # Older configs: top-level rope_theta and an optional rope_scaling dict.
-        # transformers >= 5: rope_parameters = {"rope_theta": ..., "rope_type": "default" or a scaling, ...}.
-        rope = d.get("rope_parameters") or {}
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                               "intermediate_size") if k not in d]
-        if missing:
-            raise ValueError(f"config is missing {', '.join(missing)}")
-        n_heads = d["num_attention_heads"]
-        return cls(
-            dim=d["hidden_size"],
-            n_layers=d["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads,
-            vocab_size=d["vocab_size"],
-            hidden_dim=d["intermediate_size"],
-            head_dim=d.get("head_dim"),
-            norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            max_seq_len=d.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            rope_scaling=_rope_scaling(d),
-            sliding_window=d.get("sliding_window"),
-        )
-
-
-# The parameters each RoPE scaling reads (see rope_inv_freq for what they do).
-ROPE_SCALING = {"linear": ("factor",), "dynamic": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def _rope_scaling(d: dict) -> dict | None:
-    """The RoPE scaling of a config.json in either layout -> {"rope_type": ..., its parameters} or None."""
-    for key in ("rope_parameters", "rope_scaling"):
-        value = d.get(key) or {}
-        kind = value.get("rope_type", value.get("type", "default"))
-        if kind == "default":
-            continue
-        if kind not in ROPE_SCALING:
-            raise ValueError(f"{key} of type {kind!r} is not supported (only default, {', '.join(ROPE_SCALING)})")
-        missing = [k for k in ROPE_SCALING[kind] if k not in value]
-        if missing:
-            raise ValueError(f"{key} of type {kind!r} has no {', '.join(missing)}")
-        return {"rope_type": kind, **{k: value[k] for k in ROPE_SCALING[kind]}}
-    return None
-
-
-# The type of every config.json key ModelArgs reads (absent is always allowed: the default applies).
-POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",
-                 "max_position_embeddings")
-OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window")  # or null
-POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
-BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
-STRINGS = ("model_type", "hidden_act")
-OPTIONAL_DICTS = ("rope_scaling", "rope_parameters")  # or null; their contents are read by from_hf_config
-
-
-def check_hf_config(d) -> None:
-    """Refuse a config.json whose values have the wrong type or range, naming the key: a string,
-    float or negative where a size belongs would otherwise fail deep inside torch (or not at all)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"expected a JSON object of settings, found a JSON {type(d).__name__}")
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    rules = ([(k, lambda v: type(v) is int and v > 0, "a positive integer") for k in POSITIVE_INTS]
-             + [(k, lambda v: v is None or type(v) is int and v > 0, "a positive integer or null")
-                for k in OPTIONAL_POSITIVE_INTS]
-             + [(k, number, "a positive finite number") for k in POSITIVE_NUMBERS]
-             + [(k, lambda v: isinstance(v, bool), "true or false") for k in BOOLS]
-             + [(k, lambda v: isinstance(v, str), "a string") for k in STRINGS]
-             + [(k, lambda v: v is None or isinstance(v, dict), "an object or null") for k in OPTIONAL_DICTS])
-    for key, valid, expected in rules:
-        if key in d and not valid(d[key]):
-            raise ValueError(f"{key}={json.dumps(d[key])[:80]} must be {expected}")
-
-
-def parameter_count(args: ModelArgs) -> int:
-    """The number of parameters Transformer(args) has, from the config alone (a tied lm_head counts once)."""
-    D, H, K, hd, F, V = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.vocab_size
-    per_block = D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F + 2 * D  # q, k, v, o; gate, up, down; 2 norms
-    return V * D * (1 if args.tie_embeddings else 2) + D + args.n_layers * per_block
-
-
-def check_memory(args: ModelArgs, dtype, device, where, shards: int = 1) -> None:
-    """Refuse a model that cannot fit in the memory of `device`, before allocating anything: a config
-    with absurd sizes would otherwise build modules for minutes and then fail. shards: the number of
-    processes it is split over (FSDP), each holding 1/shards of it."""
-    device = torch.device(device or "cpu")
-    needed = parameter_count(args) * (dtype or torch.float32).itemsize / shards
-    if device.type == "cuda" and torch.cuda.is_available():
-        available = torch.cuda.mem_get_info(device)[1]
-    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        return
-    if needed > available:
-        each = f" (1/{shards} of it in each of {shards} processes)" if shards > 1 else ""
-        raise ValueError(f"{where}: the model it describes has {parameter_count(args):,} parameters, "
-                         f"{needed * shards / 2**30:,.1f} GiB in {dtype or torch.float32}{each}, more than the "
-                         f"{available / 2**30:,.1f} GiB of memory of {device}")
+        """config.json's names -> ours (every value is checked first: plumbing/config.py)."""
+        config.check(d)
+        return cls(dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+                   n_heads=d["num_attention_heads"],
+                   n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                   vocab_size=d["vocab_size"], hidden_dim=d["intermediate_size"],
+                   head_dim=d.get("head_dim"), norm_eps=d.get("rms_norm_eps", 1e-6),
+                   rope_theta=config.rope_theta(d),
+                   max_seq_len=d.get("max_position_embeddings", 2048),
+                   tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                   rope_scaling=config.rope_scaling(d), sliding_window=d.get("sliding_window"))
 
 
 def load_config(path) -> ModelArgs:
-    """The ModelArgs of a Hugging Face model directory's config.json; errors name the file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (expected a Hugging Face model "
-                                f"directory with config.json and model weights)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in this directory")
-    try:
-        return ModelArgs.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
-    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{config_file}: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{config_file}: JSON nested too deeply") from None
+    """The ModelArgs of a Hugging Face model directory (its config.json, checked)."""
+    return ModelArgs.from_hf_config(config.read_config(path))
 
 
 class RMSNorm(nn.Module):
@@ -187,56 +69,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in float32 even for bf16 activations, then scale: the order HF uses, so bf16
-        # results round the same way.
+        # Normalise in float32 even for bf16, then scale: HF's order, so bf16 rounds the same way.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
-# ┌─ Rotary embeddings: two layouts of the same rotation ──────────────────────────────────┐
-# │ RoPE rotates pairs of coordinates of each query/key head by an angle pos * freq_i.      │
-# │ Meta's original code pairs neighbours (x0,x1), (x2,x3), ...; Hugging Face's rotate_half │
-# │ pairs the two halves (x_i, x_{i+hd/2}). HF's convert_llama_weights_to_hf.py makes Meta  │
-# │ weights work with rotate_half by permuting the rows of q_proj and k_proj, per head:     │
-# │     w.view(n, hd // 2, 2, D).transpose(1, 2).reshape(n * hd, D)                         │
-# │ with n = n_heads for q_proj but n = n_kv_heads for k_proj. HF checkpoints are therefore │
-# │ used here as they are, with rotate_half. Undoing the permutation is where converters go │
-# │ wrong: with grouped-query attention, an un-permute that uses n_heads for k_proj still   │
-# │ has valid shapes (the per-head size is derived from the row count) but cuts k into the  │
-# │ wrong heads, and the model silently produces nonsense.                                  │
-# └─────────────────────────────────────────────────────────────────────────────────────────┘
-# ┌─ RoPE scaling: longer contexts from the same weights ───────────────────────────────────┐
-# │ Plain RoPE turns pair i by pos * inv_freq_i, inv_freq_i = theta^(-2i/hd): the fast pairs│
-# │ (small i) resolve nearby tokens; the slow ones, whose wavelength 2π / inv_freq spans the│
-# │ context, tell far-apart tokens apart. The scalings change these frequencies, never the  │
-# │ rotation itself:                                                                        │
-# │ linear   every inv_freq_i / factor: position p turns as p / factor did in training, so  │
-# │          factor times more positions fit into the angles the model knows.               │
-# │ dynamic  (NTK-aware) unchanged up to L = max_position_embeddings; once a forward call   │
-# │          reaches n > L positions (its largest position + 1), theta becomes              │
-# │          theta * (factor * n / L - (factor - 1)) ** (hd / (hd - 2)): the fast pairs     │
-# │          barely move, the slowest slow down by about factor * n / L. Computed from each │
-# │          call's own positions, so keys in a KV cache keep the angles they got. (Same as │
-# │          transformers for one call and through generation; transformers also keeps the  │
-# │          largest n seen for later, shorter calls that are still past L.)                │
-# │ llama3   by wavelength, against L0 = original_max_position_embeddings: pairs shorter    │
-# │          than L0 / high_freq_factor are unchanged, those longer than                    │
-# │          L0 / low_freq_factor are divided by factor (as linear), those in between       │
-# │          blend the two smoothly.                                                        │
-# └─────────────────────────────────────────────────────────────────────────────────────────┘
+# Rotary embeddings (RoPE) turn pairs of coordinates of each query and key head by pos * freq_i.
+# Meta's code pairs neighbours (x0, x1), ...; Hugging Face's rotate_half pairs the two halves
+# (x_i, x_{i+hd/2}), and its converter permuted the rows of q_proj and k_proj to match, so HF
+# checkpoints are used here as they are. (Undoing that permutation is where converters go wrong:
+# with grouped-query attention, k_proj's heads are n_kv_heads, not n_heads, and a wrong un-permute
+# still has valid shapes.) The scalings change the frequencies, never the rotation: "linear"
+# divides them all by factor; "dynamic" (NTK-aware) raises theta once a call reaches n > L =
+# max_position_embeddings positions, computed per call so that cached keys keep their angles;
+# "llama3" divides the slow pairs (wavelengths past original_max_position_embeddings /
+# low_freq_factor) by factor, keeps the fast ones, and blends those in between.
 def rope_inv_freq(args: ModelArgs, seq_len: int, device) -> torch.Tensor:
-    """The rotation frequencies (hd/2,) float32 for a forward call whose positions are < seq_len.
-
-    The float32 arithmetic follows transformers' step by step, so that angles at large positions
-    (where an ulp of inv_freq times 10^5 is visible) are the same.
-    """
+    """The rotation frequencies (hd/2,) float32 for a call whose positions are < seq_len, computed
+    step by step as transformers does: at large positions an ulp of inv_freq is visible."""
     hd, theta = args.head_dim, args.rope_theta
     scaling = args.rope_scaling or {"rope_type": "default"}
     kind = scaling["rope_type"]
     if kind == "dynamic" and seq_len > args.max_seq_len:
         n, factor = torch.tensor(seq_len, device=device), scaling["factor"]
-        theta = theta * ((factor * n / args.max_seq_len) - (factor - 1)) ** (hd / (hd - 2))  # float32 tensor
+        theta = theta * ((factor * n / args.max_seq_len) - (factor - 1)) ** (hd / (hd - 2))
     inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -253,16 +110,14 @@ def rope_inv_freq(args: ModelArgs, seq_len: int, device) -> torch.Tensor:
 
 
 def rope_cos_sin(positions, args: ModelArgs, dtype):
-    """Angles for integer positions (B, T) or (1, T) -> cos, sin of shape (B, 1, T, hd).
-
-    Computed in float32 on every call rather than kept in a buffer: a buffer would be garbage
-    after `to_empty` and would be rounded by `model.to(torch.bfloat16)`, which at position
-    1000 turns the angle into noise.
-    """
-    seq_len = int(positions.max()) + 1 if args.rope_scaling and args.rope_scaling["rope_type"] == "dynamic" else 0
+    """Angles for integer positions (B, T) or (1, T) -> cos, sin of shape (B, 1, T, hd), in
+    float32 on every call: a buffer would be garbage after `to_empty`, and `model.to(bfloat16)`
+    would round it, which at position 1000 turns the angle into noise."""
+    dynamic = args.rope_scaling and args.rope_scaling["rope_type"] == "dynamic"
+    seq_len = int(positions.max()) + 1 if dynamic else 0
     inv_freq = rope_inv_freq(args, seq_len, positions.device)  # (hd/2,)
     angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): the same angle for x_i and x_{i+hd/2}
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): one angle for x_i and x_{i+hd/2}
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
@@ -276,15 +131,10 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every position seen so far, preallocated for the whole generation.
-
-    generate() uses it so that each new token runs through the model alone, attending to stored
-    keys and values, instead of re-running the whole sequence: per new token the work drops
-    from a forward over all T positions to a forward over one (which still attends to T keys).
-    The cost is memory,
-    2 * n_layers * B * n_kv_heads * head_dim * (prompt + new tokens) numbers in the model's
-    dtype (for LLaMA-7B in bf16: 0.5 MB per token per row), allocated once up front.
-    """
+    """Keys and values of every position seen so far, preallocated for the whole generation:
+    each new token then runs through the model alone, attending to the stored ones, instead of
+    re-running the sequence. It costs 2·n_layers·B·n_kv_heads·head_dim numbers per position
+    (LLaMA-7B in bf16: 0.5 MB per token per row)."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)  # (B, K, S_max, hd)
@@ -313,21 +163,19 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, allowed=None, cache=None):
         """x (B, T, D); allowed (B, 1, T, S) bool or None for plain causal attention."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)                   # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, K, hd).transpose(1, 2)                   # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)                   # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, K, S, hd)
         # Grouped-query attention: each key/value head serves n_heads // n_kv_heads consecutive
         # query heads (heads 0..g-1 share kv head 0, as in HF's repeat_kv). enable_gqa lets SDPA
         # do that grouping without materialising repeated copies of k and v.
-        gqa = self.n_heads != self.n_kv_heads
-        if allowed is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, hd)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)  # (B, H, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                             enable_gqa=H != K)            # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * hd))     # (B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -359,15 +207,10 @@ class Block(nn.Module):
 def attention_allowed(mask, start: int, T: int, window: int | None = None):
     """Padding mask (B, S) of the whole sequence -> (B, 1, T, S) bool for queries start..start+T-1.
 
-    Query t may attend to key s if s is a real token at or before it (causal + padding) and, with
-    a sliding window, fewer than `window` real tokens before it (so itself and the window - 1
-    before: transformers' `kv_idx > q_idx - sliding_window`, counted in real tokens so that a
-    padded row sees exactly what the sequence alone would).
-    A padding query of a left-padded row has no real key at or before it, and depending on the
-    kernel a softmax over an empty set is NaN, which the next layer would spread: a masked
-    value still enters the sum as 0 * NaN = NaN. So every query may also attend to itself;
-    real queries already do, and no real query ever sees a padding key.
-    """
+    Query t attends to key s if s is a real token at or before it and, with a sliding window, fewer
+    than `window` real tokens before it (transformers' rule, counted in real tokens so a padded row
+    sees what the sequence alone would). Every query may also attend to itself: a padding query of
+    a left-padded row has no real key, and a softmax over nothing is NaN, which would spread."""
     S = mask.shape[1]
     q_pos = torch.arange(start, start + T, device=mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=mask.device)[None, :]  # (1, S)
@@ -382,7 +225,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more time
+        self.gradient_checkpointing = False  # recompute blocks in backward: less memory, more time
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -419,7 +262,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.args, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, allowed, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, allowed, cache,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, allowed, cache)
         if cache is not None:
@@ -427,41 +271,40 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, tokens, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 eos_id: int | Iterable[int] | None = None, use_cache: bool = True):
+    def generate(self, tokens, attention_mask=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, eos_id: int | Iterable[int] | None = None,
+                 use_cache: bool = True, top_p: float = 1.0):
         """Extend each row of tokens (B, T) by up to max_new_tokens -> (B, T + n).
 
-        Greedy (argmax) at temperature 0, else sampling from softmax(logits / temperature).
-        Rows of different lengths are left-padded (attention_mask 0 on the left), so that every
-        row's new tokens follow its last real token. eos_id is one stop id or several (Llama-3
-        instruct ends a turn with any of three): a row that has produced one repeats it from
-        then on; generation stops once every row has. With use_cache=False the whole sequence
-        is re-run for each new token (same tokens, more work; see KVCache; with dynamic RoPE
-        past max_position_embeddings the two differ as they do in transformers, since cached
-        keys keep their angles).
+        Greedy (argmax) at temperature 0, else sampling from softmax(logits / temperature), from the
+        smallest set of tokens whose probabilities sum to top_p. Rows of different lengths are
+        left-padded (attention_mask 0 on the left), so that every row's new tokens follow its last
+        real token. eos_id is one stop id or several (Llama-3 instruct ends a turn with any of
+        three): a finished row repeats its stop id; generation ends once every row has one. With
+        use_cache=False the whole sequence is re-run for each new token (same tokens, more work).
         """
         B, T = tokens.shape
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         if not mask[:, -1].all():
-            raise ValueError("generate needs left padding: attention_mask must be 1 in the last column")
-        dynamic = (self.args.rope_scaling or {}).get("rope_type") == "dynamic"  # made to run past max_seq_len
+            raise ValueError("generate needs left padding: attention_mask must be 1 in the last "
+                             "column")
+        dynamic = (self.args.rope_scaling or {}).get("rope_type") == "dynamic"  # runs past it
         if T + max_new_tokens > self.args.max_seq_len and not dynamic:
-            raise ValueError(f"{T} + {max_new_tokens} new tokens exceed max_seq_len={self.args.max_seq_len}")
+            raise ValueError(f"{T} + {max_new_tokens} new tokens exceed max_seq_len="
+                             f"{self.args.max_seq_len}")
         stop = None if eos_id is None else torch.tensor(
-            [eos_id] if isinstance(eos_id, int) else sorted(eos_id), device=tokens.device)  # (n_stop,)
-        weight = self.embed_tokens.weight
-        cache = KVCache(self.args, B, T + max_new_tokens, weight.dtype, weight.device) if use_cache else None
+            [eos_id] if isinstance(eos_id, int) else sorted(eos_id), device=tokens.device)
+        w = self.embed_tokens.weight
+        cache = KVCache(self.args, B, T + max_new_tokens, w.dtype, w.device) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         for _ in range(max_new_tokens):
-            # With a cache only the newest token goes through the model (all of them the first time).
+            # With a cache only the newest token goes through the model (all of them at first).
             new = tokens if cache is None or cache.length == 0 else tokens[:, -1:]
-            logits = self(new, mask, cache=cache)[:, -1].float()  # (B, V)
-            if temperature == 0:
-                next_token = logits.argmax(-1)  # (B,)
-            else:
-                next_token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]  # (B,)
-            if stop is not None:
-                next_token = torch.where(done, tokens[:, -1], next_token)  # a finished row repeats its stop id
+            logits = self(new, mask, cache=cache)[:, -1].float()                  # (B, V)
+            next_token = logits.argmax(-1) if temperature == 0 else \
+                sample(logits / temperature, top_p)                                # (B,)
+            if stop is not None:  # a finished row repeats its stop id
+                next_token = torch.where(done, tokens[:, -1], next_token)
                 done |= torch.isin(next_token, stop)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + step)
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -471,21 +314,17 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a local Hugging Face LLaMA directory (config.json + safetensors or .bin weights).
-
-        dtype defaults to torch.float32, as in transformers, whatever dtype the files hold;
-        device defaults to the CPU. The model is built on the meta device (no memory), its
-        parameters are then allocated uninitialised on `device` in `dtype`, and each tensor
-        is copied in from the memory-mapped files one at a time, so the peak is about one
-        copy of the weights. Every parameter must come from the checkpoint: a missing,
-        unexpected or wrongly shaped tensor is an error, never a partial load.
-        """
-        path = resolve_hf_cache(path)
+        """A Hugging Face LLaMA: a local directory (config.json + safetensors or .bin weights), its
+        cache folder or its hub id. dtype defaults to float32 as in transformers, device to the CPU.
+        Built on the meta device (no memory), then allocated on `device`, each tensor copied in from
+        the memory-mapped files: the peak is about one copy of the weights. Every parameter must
+        come from the checkpoint (plumbing/weights.py checks)."""
+        path = hub.resolve_model(path)
         args = load_config(path)
         device = torch.device(device or "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available here")
-        check_memory(args, dtype, device, path / "config.json")
+            raise ValueError(f"device={str(device)!r}, but CUDA is not available here")
+        config.check_memory(args, dtype, device, Path(path) / "config.json")
         with torch.device("meta"):
             model = cls(args)
         model.to(dtype or torch.float32).to_empty(device=device)
@@ -499,39 +338,12 @@ class Transformer(nn.Module):
         return model.eval()
 
 
-def checkpoint_names(ours: dict, reader, path, tied: bool) -> list[tuple[str, str]]:
-    """(our name, the checkpoint's name) of every tensor to load, largest first; every one checked first.
-
-    ours: our state_dict (its tensors may be on the meta device: only names and shapes are read).
-    Every parameter must come from the checkpoint: a missing, unexpected, wrongly shaped or integer
-    tensor is an error naming it, before anything is copied, never a partial load."""
-    # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
-    # older checkpoints store, are derived, not loaded.
-    file_name = {name.removeprefix("model."): name for name in reader.shapes
-                 if not name.endswith("rotary_emb.inv_freq")}
-    # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
-    needed = [n for n in ours if not (tied and n == "lm_head.weight")]
-    missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
-    unexpected = [file_name[n] for n in file_name if n not in ours]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match config.json; missing tensors: "
-                              f"{_names(missing)}; unexpected tensors: {_names(unexpected)}")
-    wrong = [f"{file_name[n]}: checkpoint {tuple(reader.shapes[file_name[n]])} vs config "
-             f"{tuple(ours[n].shape)}" for n in needed if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
-    if wrong:
-        raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
-    for n in needed:  # copy_ would turn integers into float weights without a word
-        if not reader.dtypes[file_name[n]].is_floating_point:
-            raise CheckpointError(f"{reader.path_of(file_name[n])}: tensor {file_name[n]!r} has dtype "
-                                  f"{reader.dtypes[file_name[n]]}, but a floating-point weight belongs there")
-    # Largest first: while a tensor is copied its pages in the file are resident too, so memory
-    # peaks at the weights loaded so far plus the tensor being read. Starting with the embeddings
-    # keeps that peak at about one copy of the weights.
-    return [(n, file_name[n]) for n in sorted(needed, key=lambda n: ours[n].numel(), reverse=True)]
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    if not names:
-        return "none"
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def sample(logits, top_p: float = 1.0):
+    """A token per row (B,) from softmax(logits) (B, V), keeping the smallest set of the likeliest
+    tokens whose probabilities reach top_p (nucleus sampling; 1.0 keeps them all)."""
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p          # the mass before them is enough
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1)[:, 0]

@@ -44,11 +44,11 @@ import sentencepiece as spm
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # model.py, weights.py, data.py live one folder up
+sys.path.insert(0, str(HERE.parent))  # model.py, data.py and plumbing/ live one folder up
 
 import data  # noqa: E402  (the prompt template, so the world's prompts are exactly the training ones)
 from model import ModelArgs, Transformer  # noqa: E402
-from weights import save_safetensors  # noqa: E402
+from plumbing.weights import save_safetensors  # noqa: E402
 
 # ── The world ──────────────────────────────────────────────────────────────────────────────────
 

@@ -350,7 +350,9 @@ def full_7b(ctx):
 
 
 class StopAfter:
-    """Stands in for train.Interrupt: Ctrl-C "arrives" during step n (as in tests/test_train.py)."""
+    """Stands in for plumbing.run_folder.Interrupt: Ctrl-C "arrives" during step n (as in
+    tests/test_train.py)."""
+    exit_code = 130
 
     def __init__(self, n):
         self.checks, self.n = 0, n
@@ -361,7 +363,10 @@ class StopAfter:
     @property
     def requested(self):
         self.checks += 1
-        return self.checks >= self.n
+        return "SIGINT" if self.checks >= self.n else None
+
+    def restore(self):
+        pass
 
 
 SHORT = ["--max-steps", "8", "--train-limit", "64", "--eval-limit", "8", "--log-every", "1", "--skip-base-eval",
@@ -382,13 +387,13 @@ def logged_losses(out: Path):
 
 @stage("resume", 120)
 def resume(ctx):
-    import train
+    from plumbing import run_folder
     if in_process_train(ctx, [], ctx.tmp / "full") != 0:
         raise RuntimeError("the uninterrupted run failed")
-    real = train.Interrupt
-    train.Interrupt = StopAfter(3)
+    real = run_folder.Interrupt
+    run_folder.Interrupt = StopAfter(3)
     code = in_process_train(ctx, [], ctx.tmp / "cut")
-    train.Interrupt = real
+    run_folder.Interrupt = real
     if code != 130:
         raise RuntimeError(f"the interrupted run exited {code}, not 130")
     if in_process_train(ctx, ["--resume"], ctx.tmp / "cut") != 0:

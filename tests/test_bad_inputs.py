@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from plumbing import run_folder
 import data
 import train
 from conftest import Payload, records
-from weights import load_safetensors, save_safetensors
+from plumbing.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",
@@ -140,7 +140,7 @@ def generate_prompt_too_long(tmp):
                for ex in t[:2]]
     train_items, _ = data.encode_for_training(
         tok, [ex for t in data.load_tasks(tmp / "data", "train").values() for ex in t], 512)
-    limit = max(prompts) + train.MAX_NEW_TOKENS - 1
+    limit = max(prompts) + data.MAX_NEW_TOKENS - 1
     assert max(len(it["input_ids"]) for it in train_items) <= limit
     config(max_position_embeddings=limit)(tmp)
 
@@ -280,7 +280,7 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "config: rope_scaling a list": ([], config(rope_scaling=[1]),
                                     "{tmp}/model/config.json: rope_scaling=[1] must be an object or null"),
     "config: heads not a multiple": ([], config(num_key_value_heads=3),
-                                     "{tmp}/model/config.json: n_heads=4 is not a multiple of n_kv_heads=3"),
+                                     "{tmp}/model/config.json: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     "config: missing key": ([], config(intermediate_size=...),
                             "{tmp}/model/config.json: config is missing intermediate_size"),
     "config: another architecture": ([], config(model_type="gpt2"),
@@ -329,7 +329,7 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "adapter: config invalid JSON": ([], text("adapter/adapter_config.json", "{"),
                                      "{tmp}/adapter/adapter_config.json is not valid JSON"),
     "adapter: config nested too deeply": ([], text("adapter/adapter_config.json", nested()),
-                                          "--adapter {tmp}/adapter: adapter_config.json is nested too deeply"),
+                                          "--adapter {tmp}/adapter: {tmp}/adapter/adapter_config.json is nested too deeply"),
     "adapter: NaN weights": ([], adapter_state(lambda s: s[first(s)].fill_(float("nan"))),
                              "--adapter {tmp}/adapter: adapter weight layers.0.mlp.down_proj.lora_A is not finite"),
     "adapter: flipped byte": ([], flip_tensor_byte(ADAPTER, lambda tmp: load_safetensors(tmp / ADAPTER)[
@@ -342,8 +342,6 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
                                   "--adapter {tmp}/adapter: adapter weights do not fit this model; missing (1)"),
     "adapter: other rank": ([], edit("adapter/adapter_config.json", lambda d: d | {"rank": 3}),
                             "adapter weights do not fit this model; shape mismatch"),
-    "adapter: out holds results": (["--out", "{tmp}/adapter/.."], lambda tmp: (tmp / "results.json").write_text("{}"),
-                                   "--out {tmp}/adapter/.. holds a run (results.json, adapter)"),
     # checkpoints
     "checkpoint: truncated": ([], truncate("out/checkpoint.pt", 0.6),
                               "--resume: {tmp}/out/checkpoint.pt cannot be read (truncated, corrupted or not a "
@@ -445,18 +443,18 @@ def disk_full_after(monkeypatch, n: int):
 
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    disk_full_after(monkeypatch, 1)  # the checkpoint of step 1 is written, that of step 2 is not
+    disk_full_after(monkeypatch, 2)  # the run's list of files and the checkpoint of step 1 are written
     assert main(["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]) == 1
     assert last_line(capsys) == (f"train.py: error: step 2: could not write {out / 'checkpoint.pt'} (No space left "
                                  f"on device); the previous one is kept")
-    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no temporary left
+    assert run_folder.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [".omoe-files", "checkpoint.pt", "log.jsonl"]  # no .tmp
 
 
 def test_a_full_disk_while_saving_the_adapters_keeps_the_checkpoint_to_resume(world, tmp_path, monkeypatch, capsys):
     out, argv = tmp_path / "out", ["--model", world / "model", "--data", world / "data", "--out", tmp_path / "out",
                                    *QUICK]
-    disk_full_after(monkeypatch, 2)  # two checkpoints, then the adapters
+    disk_full_after(monkeypatch, 3)  # the list of files, two checkpoints, then the adapters
     assert main(argv) == 1
     assert last_line(capsys).startswith(f"train.py: error: could not write the adapters to {out / 'adapter'} (No space "
                                         f"left on device); {out / 'checkpoint.pt'} holds them")
@@ -499,13 +497,18 @@ def test_a_second_ctrl_c_during_a_save_leaves_a_log_the_resume_repairs(world, tm
     assert main([*common, "--out", tmp_path / "full"]) == 0
 
     class CtrlCAtStep3:
+        exit_code = 130
+
         def __init__(self):
             self.checks = 0
 
         @property
         def requested(self):
             self.checks += 1
-            return self.checks >= 3
+            return "SIGINT" if self.checks >= 3 else None
+
+        def restore(self):
+            pass
 
     real_save = torch.save
 
@@ -514,12 +517,12 @@ def test_a_second_ctrl_c_during_a_save_leaves_a_log_the_resume_repairs(world, tm
             f.write(b"half a checkpoint")
             raise KeyboardInterrupt
         real_save(obj, f, *a, **k)
-    monkeypatch.setattr(train, "Interrupt", CtrlCAtStep3)
+    monkeypatch.setattr(run_folder, "Interrupt", CtrlCAtStep3)
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "cut"
     assert main([*common, "--out", out]) == 130
     assert last_line(capsys) == f"train.py: interrupted; the last checkpoint written is {out / 'checkpoint.pt'}"
-    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not list(out.glob("*.tmp"))
+    assert run_folder.load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not list(out.glob("*.tmp"))
     assert [s for s, _ in losses(out)] == [1, 2, 3]
     monkeypatch.undo()
     assert main([*common, "--out", out, "--resume"]) == 0
@@ -534,7 +537,7 @@ def test_overwrite_replaces_the_run_only_after_every_check(world, tmp_path):
     argv = ["--model", world / "model", "--data", world / "data", "--out", out, *QUICK, "--max-steps", "1"]
     assert main([*argv, "--overwrite"]) == 0
     assert [s for s, _ in losses(out)] == [1]  # the earlier run's log is gone, not appended to
-    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert run_folder.load_checkpoint(out / "checkpoint.pt")["step"] == 1
 
 
 def test_non_finite_adapters_are_neither_evaluated_nor_saved(world, tmp_path, monkeypatch, capsys):
@@ -553,14 +556,15 @@ def test_non_finite_adapters_are_neither_evaluated_nor_saved(world, tmp_path, mo
     assert main(["--model", world / "model", "--data", world / "data", "--out", out, *QUICK]) == 1
     assert last_line(capsys) == ("train.py: error: step 2: adapter weight layers.0.self_attn.q_proj.lora_A "
                                  "is not finite (NaN or infinity); stopping without evaluating or saving it")
-    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["step"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]
+    assert run_folder.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [".omoe-files", "checkpoint.pt", "log.jsonl"]
 
 
 SAVER = """
 import argparse, sys, torch
 sys.path.insert(0, {root!r})
-import checkpoint, omoe
+import omoe
+from plumbing import run_folder
 from model import ModelArgs, Transformer
 from pathlib import Path
 torch.manual_seed(0)
@@ -578,7 +582,7 @@ while True:
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
-    checkpoint.save_checkpoint(Path(sys.argv[1]), omoe.adapter_state_dict(model), optimizer.state_dict(),
+    run_folder.save_checkpoint(Path(sys.argv[1]), omoe.adapter_state_dict(model), optimizer.state_dict(),
                                scheduler, step, 10, argparse.Namespace(seed=0), None, "fingerprint")
     print(step, flush=True)
 """
@@ -606,7 +610,7 @@ def test_kill_9_while_saving_leaves_the_old_checkpoint_or_the_new_one(tmp_path):
             proc.kill()
             proc.wait()
         mid_save += path.with_name("checkpoint.pt.tmp").exists()
-        assert checkpoint.load_checkpoint(path)["step"] in (saved[-1], saved[-1] + 1)
-        checkpoint.clear_run(tmp_path, [])  # what a run does before it writes: the temporary goes
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+        assert run_folder.load_checkpoint(path)["step"] in (saved[-1], saved[-1] + 1)
+        run_folder.clear_run(tmp_path, [])  # what a run does before it writes: the temporary goes
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".omoe-files", "checkpoint.pt"]
     assert mid_save >= 1  # the kills did land inside saves

@@ -12,7 +12,8 @@ import torch
 
 import data
 from data import DataError, Example, Tokenizer
-from tokenizer import TokenizerError
+from plumbing.tokenizer import TokenizerError
+from plumbing import datafiles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 def ex(answer="answer2", instruction=INSTRUCTION, input="", output=None, task="t") -> Example:
     return Example(instruction, data.response_for(answer) if output is None else output, answer, input,
-                   data.parse_candidates(instruction), task)
+                   datafiles.parse_candidates(instruction), task)
 
 
 # ── Tokenizer ──────────────────────────────────────────────────────────────────────────────────
@@ -227,11 +228,11 @@ ORIGINAL_REGEX = {"true": r"true|false", "solution": r"solution1|solution2", "op
 
 
 def test_candidates_are_parsed_from_the_answer_format_line():
-    assert data.parse_candidates(INSTRUCTION) == ["answer1", "answer2", "answer3"]
-    assert data.parse_candidates("Is it?\n\nAnswer format: true/false  \n") == ["true", "false"]
-    assert data.parse_candidates("Option1: a Option2: b Answer format: option1/option2") == ["option1", "option2"]
-    assert data.parse_candidates("Answer format: answer1/answer2 is the format. Go.") == []  # not at the end
-    assert data.parse_candidates("Say hi.") == []
+    assert datafiles.parse_candidates(INSTRUCTION) == ["answer1", "answer2", "answer3"]
+    assert datafiles.parse_candidates("Is it?\n\nAnswer format: true/false  \n") == ["true", "false"]
+    assert datafiles.parse_candidates("Option1: a Option2: b Answer format: option1/option2") == ["option1", "option2"]
+    assert datafiles.parse_candidates("Answer format: answer1/answer2 is the format. Go.") == []  # not at the end
+    assert datafiles.parse_candidates("Say hi.") == []
 
 
 def test_extraction_matches_the_original_scripts():

@@ -8,8 +8,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from weights import CheckpointError  # noqa: E402
-from model import KVCache, ModelArgs, Transformer, attention_allowed, check_memory, parameter_count  # noqa: E402
+from plumbing.weights import CheckpointError  # noqa: E402
+from model import KVCache, ModelArgs, Transformer, attention_allowed  # noqa: E402
+from plumbing.config import check_memory, parameter_count  # noqa: E402
+from plumbing.errors import BadInput  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
@@ -294,9 +296,9 @@ def test_config_values_of_the_wrong_type_or_range_name_the_key(key, value, expec
 # ---------------------------------------------------------------- from_pretrained errors
 
 def test_missing_directory_and_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(BadInput, match="nowhere: no such directory"):
         Transformer.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*config.json"):
+    with pytest.raises(BadInput, match=f"{tmp_path}: no config.json in this directory"):
         Transformer.from_pretrained(tmp_path)
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import omoe
 from omoe import OMoELinear, gram_schmidt
+from plumbing import adapters, cli, diagnostics
 
 
 def layer(experts=3, top_k=None, orth="orthonormal", d_in=10, d_out=7, rank=3, dtype=torch.float64, seed=0):
@@ -104,8 +105,6 @@ def test_fast_equals_reference(orth, experts, top_k, dtype, tol):
 def test_fast_equals_reference_forward_and_all_gradients(orth, experts, top_k, B_scale, recompute_gram, monkeypatch):
     """float64: the output and the gradients of the input, A, B and the router agree to 1e-10,
     with the Gram's per-token product kept for backward or recomputed (omoe.GRAM_CHECKPOINT_MIN)."""
-    if experts == 1 and orth != "normalized":
-        pytest.skip("one expert is plain LoRA: test_single_expert_is_plain_lora")
     monkeypatch.setattr(omoe, "GRAM_CHECKPOINT_MIN", 0 if recompute_gram else 10**9)
     m = layer(experts, top_k, orth, d_in=12, d_out=9, rank=3)
     with torch.no_grad():
@@ -218,13 +217,27 @@ def test_zero_B_gradient_scale_is_one_over_sqrt_ridge():
 
 
 def test_single_expert_is_plain_lora():
-    for orth in ("orthonormal", "orthogonal", "none"):
-        m = layer(experts=1, orth=orth)
-        assert m.router is None and m.orth == "none"
+    for orth in (None, "none", "orthogonal"):  # None: the default for one expert; orthogonal: G–S of
+        m = layer(experts=1, orth=orth)          # one vector without normalising it leaves it as it is
+        assert m.router is None and m.orth == (orth or "none")
         x = torch.randn(4, 10, dtype=torch.float64)
         lora = m.base_layer(x) + m.scaling * x @ m.lora_A[0].T @ m.lora_B[0].T
         for impl, y in outputs(m, x).items():
             torch.testing.assert_close(y, lora, atol=1e-12, rtol=0, msg=impl)
+
+
+def test_one_rule_for_a_single_active_expert():
+    """orth acts on the active experts whatever their number: one expert "orthonormal" is a normalised
+    LoRA, as top-1 routing normalises its one active expert."""
+    x = torch.randn(6, 10, dtype=torch.float64)
+    single = layer(experts=1, orth="orthonormal")
+    normalised = layer(experts=1, orth="normalized")
+    for (impl, a), (_, b) in zip(outputs(single, x).items(), outputs(normalised, x).items()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=impl)
+    top1 = layer(experts=3, top_k=1, orth="orthonormal")
+    delta = top1(x) - top1.base_layer(x)
+    torch.testing.assert_close(delta.norm(dim=-1), torch.ones(6, dtype=torch.float64), atol=1e-3, rtol=0)
+    assert layer(experts=3, orth=None).orth == "orthonormal"  # the paper's, with several experts
 
 
 def test_single_expert_normalized_is_normalised_lora():
@@ -328,7 +341,7 @@ class Tiny(nn.Module):
     (dict(experts=3, top_k=4), "top_k must be None (soft routing) or an integer in 1..experts=3, got 4"),
     (dict(experts=3, top_k=0), "top_k must be None (soft routing) or an integer in 1..experts=3, got 0"),
     (dict(rank=0), "rank must be an integer >= 1, got 0"),
-    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (dict(dropout=1.0), "dropout must be a number in [0, 1), got 1.0"),
     (dict(orth="qr"), "orth must be one of 'orthonormal', 'orthogonal', 'normalized', 'none', got 'qr'"),
     (dict(targets=("q_proj", "gate_proj")),
      "target 'gate_proj' matches no nn.Linear in the model; "
@@ -353,7 +366,7 @@ def test_add_experts_wraps_freezes_and_counts(capsys):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(omoe.adapter_state_dict(model))
     assert all(n.endswith(("lora_A", "lora_B", "router.weight")) for n in trainable)
-    t, total = omoe.print_trainable_parameters(model)
+    t, total = cli.print_trainable_parameters(model)
     assert t == 2 * (2 * 2 * 8 + 2 * 8 * 2 + 2 * 8) + 2 * (2 * 2 * 8 + 2 * 16 * 2 + 2 * 8)
     expected = f"trainable params: {t:,d} || all params: {total:,d} || trainable%: {100 * t / total:.4f}\n"
     assert capsys.readouterr().out == expected
@@ -362,8 +375,8 @@ def test_add_experts_wraps_freezes_and_counts(capsys):
 
 
 def test_single_expert_config_records_plain_lora():
-    model = omoe.add_experts(Tiny(), targets=("v_proj",), experts=1, rank=4, orth="orthonormal")
-    assert omoe.adapter_config(model) == dict(targets=["v_proj"], experts=1, top_k=None, rank=4, alpha=32,
+    model = omoe.add_experts(Tiny(), targets=("v_proj",), experts=1, rank=4)  # orth: "none" for one
+    assert adapters.adapter_config(model) == dict(targets=["v_proj"], experts=1, top_k=None, rank=4, alpha=32,
                                               dropout=0.05, orth="none")
     assert not any(n.endswith("router.weight") for n in omoe.adapter_state_dict(model))
 
@@ -377,19 +390,19 @@ def test_experts_beside_plain_lora_layout_round_trips(tmp_path):
     for n, m in layers.items():
         assert (m.experts, m.router is None, m.orth) == ((1, True, "none") if "self_attn" in n else
                                                          (3, False, "orthonormal")), n
-    config = omoe.adapter_config(model)
+    config = adapters.adapter_config(model)
     assert config == dict(targets=["up_proj", "down_proj"], experts=3, top_k=2, rank=2, alpha=32, dropout=0.05,
                           orth="orthonormal", lora_targets=["q_proj", "v_proj"])
     assert json.loads(json.dumps(config)) == config  # a plain JSON-able dict
-    omoe.save_adapters(model, tmp_path)
-    config, state = omoe.load_adapter_files(tmp_path)
+    adapters.save_adapters(model, tmp_path)
+    config, state = adapters.load_adapter_files(tmp_path)
     other = omoe.add_experts(Tiny(), **config)
     other.load_state_dict({k: v for k, v in model.state_dict().items() if k not in state}, strict=False)
-    omoe.load_adapters(other, state)
+    adapters.load_adapters(other, state)
     model.eval(), other.eval()
     x = torch.randn(4, 8)
     torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
-    assert omoe.adapter_config(other) == omoe.adapter_config(model)
+    assert adapters.adapter_config(other) == adapters.adapter_config(model)
 
 
 def test_a_layer_gets_experts_or_lora_not_both():
@@ -414,16 +427,16 @@ def randomised(model):
 def test_adapters_round_trip(tmp_path):
     model = randomised(omoe.add_experts(Tiny(), targets=("q_proj", "down_proj"), experts=3, top_k=2, rank=2))
     x = torch.randn(4, 8)
-    omoe.save_adapters(model, tmp_path)
-    config, state = omoe.load_adapter_files(tmp_path)
+    adapters.save_adapters(model, tmp_path)
+    config, state = adapters.load_adapter_files(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 1
-    assert config == omoe.adapter_config(model)
+    assert config == adapters.adapter_config(model)
     other = omoe.add_experts(Tiny(), **config)
     base = {k: v for k, v in model.state_dict().items() if k not in state}
     other.load_state_dict(base, strict=False)  # same base weights (Tiny() is random), fresh adapters
     model.eval(), other.eval()  # no dropout
     assert not torch.allclose(other(x), model(x))
-    omoe.load_adapters(other, state)
+    adapters.load_adapters(other, state)
     torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
     assert set(state) == {f"layers.{i}.{p}.{w}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")
                           for w in ("lora_A", "lora_B", "router.weight")}
@@ -431,13 +444,13 @@ def test_adapters_round_trip(tmp_path):
 
 def test_single_expert_normalized_round_trips(tmp_path):
     model = randomised(omoe.add_experts(Tiny(), targets=("v_proj",), experts=1, rank=4, orth="normalized"))
-    omoe.save_adapters(model, tmp_path)
-    config, state = omoe.load_adapter_files(tmp_path)
+    adapters.save_adapters(model, tmp_path)
+    config, state = adapters.load_adapter_files(tmp_path)
     assert config == dict(targets=["v_proj"], experts=1, top_k=None, rank=4, alpha=32, dropout=0.05,
                           orth="normalized")
     other = omoe.add_experts(Tiny(), **config)
     other.load_state_dict({k: v for k, v in model.state_dict().items() if k not in state}, strict=False)
-    omoe.load_adapters(other, state)
+    adapters.load_adapters(other, state)
     model.eval(), other.eval()
     x = torch.randn(4, 8)
     torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
@@ -451,21 +464,21 @@ def test_load_adapters_key_check():
     state["layers.0.self_attn.k_proj.lora_A"] = torch.zeros(2, 2, 8)
     state["layers.1.self_attn.q_proj.lora_B"] = torch.zeros(2, 8, 3)
     with pytest.raises(ValueError) as err:
-        omoe.load_adapters(model, state)
+        adapters.load_adapters(model, state)
     assert str(err.value) == (
         "adapter weights do not fit this model; missing (1): layers.0.self_attn.q_proj.lora_A; "
         "unexpected (1): layers.0.self_attn.k_proj.lora_A; "
         "shape mismatch (1): layers.1.self_attn.q_proj.lora_B: given (2, 8, 3), model has (2, 8, 2)")
     with pytest.raises(ValueError, match="model has no experts"):
-        omoe.load_adapters(Tiny(), state)
+        adapters.load_adapters(Tiny(), state)
 
 
 def test_load_adapter_files_errors(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json not found"):
-        omoe.load_adapter_files(tmp_path)
+        adapters.load_adapter_files(tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"format_version": 7}')
     with pytest.raises(ValueError, match="format_version 7 is not 1"):
-        omoe.load_adapter_files(tmp_path)
+        adapters.load_adapter_files(tmp_path)
 
 
 # --- load balancing and diagnostics -------------------------------------------------------------
@@ -497,7 +510,7 @@ def test_diagnostics(orth):
     model = nn.Sequential(m)
     x = torch.randn(2, 5, 10)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
-    with omoe.record_diagnostics(model) as rec:
+    with diagnostics.record_diagnostics(model) as rec:
         rec.mask = mask
         y = model(x)
     assert m._recorder is None
@@ -519,7 +532,7 @@ def test_diagnostics(orth):
 def test_diagnostics_top_k_load_and_mask_check():
     m = layer(experts=4, top_k=1, dtype=torch.float32)
     x = torch.randn(20, 10)
-    with omoe.record_diagnostics(nn.Sequential(m)) as rec:
+    with diagnostics.record_diagnostics(nn.Sequential(m)) as rec:
         m(x)
         rec.mask = torch.ones(3, 4)
         with pytest.raises(ValueError, match="recorder.mask has 12 entries but the layer 0 sees 20 tokens"):

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import omoe
 import train
 from conftest import records, train_tokenizer, write_tiny_model
-from weights import load_safetensors
+from plumbing import adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-steps", "4", "--batch-size", "12", "--micro-batch-size", "2", "--warmup", "1", "--lr", "1e-3",
@@ -31,8 +30,9 @@ sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 import torch.distributed as dist
 import train
 from test_train import StopAfter  # Ctrl-C "arrives" during step n, in every process
+from plumbing import adapters, run_folder
 
-jobs, real, codes = json.load(open(sys.argv[1])), train.Interrupt, []
+jobs, real, codes = json.load(open(sys.argv[1])), run_folder.Interrupt, []
 dist.init_process_group("gloo")  # one process group for every job: train.main uses it, and leaves it open
 for job in jobs:
     if "copy" in job:
@@ -40,7 +40,7 @@ for job in jobs:
             shutil.copytree(*job["copy"])
         dist.barrier()
         continue
-    train.Interrupt = StopAfter(job["stop_after"]) if job.get("stop_after") else real
+    run_folder.Interrupt = StopAfter(job["stop_after"]) if job.get("stop_after") else real
     codes.append(train.main(job["argv"]))
 if dist.get_rank() == 0:
     json.dump(codes, open(sys.argv[2], "w"))
@@ -93,8 +93,8 @@ def diagnostics(out: Path) -> list[dict]:
 def assert_same_run(a: Path, b: Path) -> None:
     """b gives a's losses, adapters, evaluation results, and files of the same shapes."""
     assert losses(b) == pytest.approx(losses(a), rel=1e-5)
-    config_a, weights_a = omoe.load_adapter_files(a / "adapter")
-    config_b, weights_b = omoe.load_adapter_files(b / "adapter")
+    config_a, weights_a = adapters.load_adapter_files(a / "adapter")
+    config_b, weights_b = adapters.load_adapter_files(b / "adapter")
     assert config_a == config_b and weights_a.keys() == weights_b.keys()
     for k in weights_a:
         torch.testing.assert_close(weights_b[k], weights_a[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -138,7 +138,7 @@ def test_two_processes_ddp_and_fsdp_equal_one(world):
     # The balance loss is computed on each process's micro-batches (as in every MoE trainer), so its value
     # depends on how the batch is split: FSDP matches DDP, which splits it the same way.
     assert_same_run(world / "ddp2-aux", world / "fsdp2-aux")
-    evaluated = json.loads((world / "fsdp2-eval" / "results.json").read_text())["after"]
+    evaluated = json.loads(next((world / "fsdp2-eval").glob("eval-*.json")).read_text())["after"]
     assert evaluated == json.loads((world / "omoe" / "results.json").read_text())["after"]  # --eval-only, sharded
 
 

@@ -1,4 +1,4 @@
-"""Adapters PEFT can read and adapters PEFT wrote: peft_format.py through omoe.save_adapters / load_adapter_files."""
+"""Adapters PEFT can read and adapters PEFT wrote: peft_format.py through adapters.save_adapters / load_adapter_files."""
 
 import json
 
@@ -9,6 +9,7 @@ import omoe
 import train
 from conftest import train_tokenizer
 from model import Transformer
+from plumbing import adapters
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -59,7 +60,7 @@ def test_plain_lora_is_written_exactly_as_peft_writes_it(base, tmp_path):
     targets = ["q_proj", "v_proj", "down_proj"]
     ours = randomised(omoe.add_experts(Transformer.from_pretrained(base), targets, experts=1, rank=4, alpha=8.0,
                                        dropout=0.05)).eval()
-    omoe.save_adapters(ours, tmp_path / "ours", base_model=str(base))
+    adapters.save_adapters(ours, tmp_path / "ours", base_model=str(base))
     reference = peft.get_peft_model(hf_base(base), peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.05,
                                                                     target_modules=targets, task_type="CAUSAL_LM"))
     reference.save_pretrained(tmp_path / "peft")
@@ -86,10 +87,25 @@ def test_plain_lora_is_written_exactly_as_peft_writes_it(base, tmp_path):
     assert (expected - plain).abs().max() > 1e-2
     torch.testing.assert_close(logits(ours, TOKENS), expected, atol=1e-5, rtol=1e-5)
     # And it reads back here as the same adapter.
-    config, state = omoe.load_adapter_files(tmp_path / "ours")
-    assert config == omoe.adapter_config(ours)
+    config, state = adapters.load_adapter_files(tmp_path / "ours")
+    assert config == adapters.adapter_config(ours)
     assert all(torch.equal(state[k], v) for k, v in omoe.adapter_state_dict(ours).items())
     assert state.keys() == omoe.adapter_state_dict(ours).keys()
+
+
+def test_plain_lora_beyond_the_projections_reloads_as_saved(base, tmp_path):
+    """A plain LoRA on lm_head (not one of the seven projections) is saved in PEFT's format, which PEFT
+    runs, and read back here as the same adapter (it was once saved and then refused on reload)."""
+    ours = randomised(omoe.add_experts(Transformer.from_pretrained(base), ["v_proj", "lm_head"], experts=1,
+                                       rank=2, alpha=4.0, dropout=0.0)).eval()
+    adapters.save_adapters(ours, tmp_path / "ours", base_model=str(base))
+    config, state = adapters.load_adapter_files(tmp_path / "ours")
+    assert config["targets"] == ["v_proj", "lm_head"] and config == adapters.adapter_config(ours)
+    again = omoe.add_experts(Transformer.from_pretrained(base), **config).eval()
+    adapters.load_adapters(again, state)
+    torch.testing.assert_close(logits(again, TOKENS), logits(ours, TOKENS), atol=0, rtol=0)
+    loaded = peft.PeftModel.from_pretrained(hf_base(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(ours, TOKENS), logits(loaded, TOKENS), atol=1e-5, rtol=1e-5)
 
 
 def test_a_peft_trained_lora_is_read_and_evaluated(base, tmp_path, task_dir):
@@ -105,22 +121,22 @@ def test_a_peft_trained_lora_is_read_and_evaluated(base, tmp_path, task_dir):
     expected = logits(trained, TOKENS)
     with trained.disable_adapter():
         assert (expected - logits(trained, TOKENS)).abs().max() > 1e-2
-    config, state = omoe.load_adapter_files(tmp_path / "peft")
+    config, state = adapters.load_adapter_files(tmp_path / "peft")
     assert config == dict(targets=targets, experts=1, top_k=None, rank=2, alpha=16, dropout=0.1, orth="none")
     ours = omoe.add_experts(Transformer.from_pretrained(base), **config)
-    omoe.load_adapters(ours, state)
+    adapters.load_adapters(ours, state)
     torch.testing.assert_close(logits(ours.eval(), TOKENS), expected, atol=1e-5, rtol=1e-5)
     # train.py --eval-only --adapter takes the PEFT directory as it is.
     out = tmp_path / "eval"
     argv = ["--model", base, "--eval-data", task_dir, "--eval-only", "--adapter", tmp_path / "peft",
             "--eval-limit", 3, "--out", out]
     assert train.main([str(a) for a in argv]) == 0
-    assert json.loads((out / "results.json").read_text())["adapter"] == config
+    assert json.loads(next(out.glob("eval-*.json")).read_text())["adapter"] == config
 
 
 def test_peft_refuses_an_adapter_with_experts(base, tmp_path):
     ours = randomised(omoe.add_experts(Transformer.from_pretrained(base), ["q_proj"], experts=2, rank=2))
-    omoe.save_adapters(ours, tmp_path)
+    adapters.save_adapters(ours, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "omoe_model.safetensors"]
     with pytest.raises(KeyError, match="peft_type"):
         peft.PeftModel.from_pretrained(hf_base(base), str(tmp_path))
@@ -150,8 +166,12 @@ def write_peft(directory, **overrides):
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern={'q_proj': 8} is not supported"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported"),
-    ({"target_modules": ".*proj"}, "target_modules='.*proj' must be a list of the projections q_proj"),
-    ({"target_modules": ["q_proj", "lm_head"]}, "target_modules=['q_proj', 'lm_head'] must be a list"),
+    ({"target_modules": ".*proj"}, "target_modules='.*proj' must be a list of layer names, such as the "
+                                   "projections q_proj"),
+    ({"target_modules": ["q_proj", 5]}, "target_modules=['q_proj', 5] must be a list of layer names"),
+    ({"r": 0}, "r must be an integer >= 1, got 0"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number > 0, got nan"),
+    ({"lora_dropout": "0.1"}, "lora_dropout must be a number in [0, 1), got '0.1'"),
     ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported (only 'LORA')"),
     ({"r": None, "lora_alpha": None}, "no 'r'"),
 ])
@@ -165,23 +185,24 @@ def test_peft_configs_we_cannot_run_name_file_and_key(tmp_path, overrides, messa
     else:
         path = write_peft(tmp_path, **overrides)
     with pytest.raises(ValueError) as err:
-        omoe.load_adapter_files(tmp_path)
+        adapters.load_adapter_files(tmp_path)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
 
 
 def test_peft_weights_of_another_kind_and_unknown_keys_of_ours(tmp_path):
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_config.json'}: expected a JSON object"):
-        omoe.load_adapter_files(tmp_path)
+        adapters.load_adapter_files(tmp_path)
     write_peft(tmp_path)
     safetensors.torch.save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 4)},
                                 tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_model.safetensors'}: tensor "
                                          f"'base_model.model.model.embed_tokens.lora_embedding_A' is not a lora_A"):
-        omoe.load_adapter_files(tmp_path)
+        adapters.load_adapter_files(tmp_path)
     config = {"format_version": 1, "targets": ["q_proj"], "experts": 2, "rank": 2, "top_k": None, "alpha": 4,
               "dropout": 0.0, "orth": "orthonormal", "experts_per_token": 1}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_config.json'}: unknown key 'experts_per_token' "
-                                         f"\\(an adapter config has targets, experts"):
-        omoe.load_adapter_files(tmp_path)
+                                         f"\\(an adapter config has format_version, "
+                                         f"base_model_name_or_path, targets, experts"):
+        adapters.load_adapter_files(tmp_path)

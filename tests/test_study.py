@@ -146,4 +146,5 @@ def test_the_figure_splits_methods_by_whether_their_layers_normalise(study):
     normalised = {m for m, flags in study.methods().items() if study.normalises(flags)}
     assert normalised == {"normalised LoRA (1 expert)", "OMoE-2 orthonormal", "normalised only, 2 experts",
                           "OMoE-4 soft", "OMoE-8 soft", "OMoE top-2 of 8"}
-    assert not study.normalises(["--lora", "--orth", "orthonormal"])  # one expert: nothing to orthonormalise
+    assert not study.normalises(["--lora"])  # plain LoRA
+    assert study.normalises(["--lora", "--orth", "orthonormal"])  # Gram–Schmidt of one vector: normalised

@@ -17,7 +17,8 @@ import omoe
 import train
 from conftest import SHARED, records
 from model import Transformer
-from weights import load_safetensors
+from plumbing.weights import load_safetensors
+from plumbing import adapters, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--batch-size", "8", "--micro-batch-size", "4", "--warmup", "2", "--lr", "1e-3", "--rank", "4",
@@ -45,20 +46,20 @@ def test_short_run_trains_saves_and_reloads(tiny_model_dir, task_dir, tmp_path):
     assert len(layer["prob"]) == 2 and 0 <= layer["cos_after"] < 0.05  # OMoE: orthogonal after Gram–Schmidt
 
     # The saved adapters, loaded into a fresh model, give the trained model's outputs and accuracy.
-    config, state = omoe.load_adapter_files(out / "adapter")
+    config, state = adapters.load_adapter_files(out / "adapter")
     fresh = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), **config)
-    omoe.load_adapters(fresh, state)
+    adapters.load_adapters(fresh, state)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for k, v in ckpt["adapters"].items():
         assert torch.equal(state[k], v), k
     assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval", "--eval-only",
                "--adapter", out / "adapter", "--eval-limit", 6) == 0
-    again = json.loads((tmp_path / "eval" / "results.json").read_text())["after"]
+    again = json.loads(next((tmp_path / "eval").glob("eval-*.json")).read_text())["after"]
     assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in results["after"].items()}
 
 
 class StopAfter:
-    """Stands in for train.Interrupt: Ctrl-C "arrives" during step `n`."""
+    """Stands in for run_folder.Interrupt: Ctrl-C "arrives" during step `n`."""
 
     def __init__(self, n):
         self.checks = 0
@@ -70,20 +71,25 @@ class StopAfter:
     @property
     def requested(self):
         self.checks += 1
-        return self.checks >= self.n
+        return "SIGINT" if self.checks >= self.n else None
+
+    exit_code = 130
+
+    def restore(self):
+        pass
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, task_dir, tmp_path, monkeypatch):
     common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 8, "--schedule", "cosine", *QUICK]
     assert run(*common, "--out", tmp_path / "full") == 0
-    monkeypatch.setattr(train, "Interrupt", StopAfter(3))
+    monkeypatch.setattr(run_folder, "Interrupt", StopAfter(3))
     assert run(*common, "--out", tmp_path / "cut") == 130  # interrupted: saved at step 3
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
     monkeypatch.undo()
     assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, on the CPU
-    a = load_safetensors(tmp_path / "full" / "adapter" / omoe.OMOE_WEIGHTS)
-    b = load_safetensors(tmp_path / "cut" / "adapter" / omoe.OMOE_WEIGHTS)
+    a = load_safetensors(tmp_path / "full" / "adapter" / adapters.OMOE_WEIGHTS)
+    b = load_safetensors(tmp_path / "cut" / "adapter" / adapters.OMOE_WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -177,7 +183,7 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
     assert all(r["n"] == 3 for r in after.values())
     assert run("--model", tiny_model_dir, "--eval-data", SHARED, "--out", tmp_path / "gen", "--eval-only",
                "--adapter", out / "adapter", "--eval-mode", "generate", "--eval-limit", 2) == 0
-    gen = json.loads((tmp_path / "gen" / "results.json").read_text())["after"]
+    gen = json.loads((tmp_path / "gen" / "eval-commonsense.json").read_text())["after"]
     assert all(0 <= r["no_label"] <= r["n"] == 2 for r in gen.values())
 
 
@@ -189,7 +195,7 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
 ])
 def test_baselines_run_from_the_same_command(tiny_model_dir, task_dir, tmp_path, flags, expected):
     assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 3, *QUICK, *flags) == 0
-    config, _ = omoe.load_adapter_files(tmp_path / "adapter")
+    config, _ = adapters.load_adapter_files(tmp_path / "adapter")
     assert {k: config[k] for k in expected} == expected
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written.get("peft_type") == ("LORA" if "--lora" in flags else None)  # plain LoRA: PEFT's files
@@ -238,7 +244,7 @@ def test_base_model_is_evaluated_before_the_experts_are_added(tiny_model_dir, ta
 def test_lora_with_orth_normalized_trains_a_normalised_lora(tiny_model_dir, task_dir, tmp_path):
     assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 2, "--lora",
                "--orth", "normalized", *QUICK) == 0
-    config, state = omoe.load_adapter_files(tmp_path / "adapter")
+    config, state = adapters.load_adapter_files(tmp_path / "adapter")
     assert config["experts"] == 1 and config["orth"] == "normalized"
     assert not any(k.endswith("router.weight") for k in state)
     fresh = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), **config)
@@ -312,11 +318,11 @@ def test_experts_beside_plain_lora_train_save_and_reload(tiny_model_dir, task_di
     out = tmp_path / "layout"
     assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 2,
                "--lora-targets", "q_proj,v_proj", "--skip-base-eval", *QUICK) == 0
-    config, state = omoe.load_adapter_files(out / "adapter")
+    config, state = adapters.load_adapter_files(out / "adapter")
     assert config["lora_targets"] == ["q_proj", "v_proj"] and "q_proj" not in config["targets"]
     assert not any(k.endswith("q_proj.router.weight") for k in state) and any("up_proj.router" in k for k in state)
     assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval", "--eval-only",
                "--adapter", out / "adapter", "--eval-limit", 6) == 0
-    again = json.loads((tmp_path / "eval" / "results.json").read_text())["after"]
+    again = json.loads(next((tmp_path / "eval").glob("eval-*.json")).read_text())["after"]
     after = json.loads((out / "results.json").read_text())["after"]
     assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in after.items()}

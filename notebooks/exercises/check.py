@@ -178,7 +178,7 @@ def gram_schmidt(fn) -> Report:
     def cases(report):
         E1 = _directions(20, 3, 8)
         small = 0.01 * _directions(20, 3, 8)  # outputs 0.01 long: where the ridge matters most
-        ridge = omoe._ridge(small.pow(2).sum(-1).mean(-1))                     # (N,) the layer's ridge
+        ridge = omoe.ridge(small.pow(2).sum(-1))                     # (N,) the layer's ridge
         for case, (E, normalize, eps) in {
                 "one token, 2 vectors in 3D, orthonormal, eps=0": (_directions(1, 2, 3), True, 0.0),
                 "20 tokens, 3 vectors in 8D, orthonormal, eps=0": (E1, True, 0.0),
@@ -303,7 +303,7 @@ def mix(fn) -> Report:
 
 
 def _reference_mix(e, g, orth, ridge=True):
-    eps = omoe._ridge(e.pow(2).sum(-1).mean(-1)) if ridge else torch.zeros(e.shape[0], dtype=e.dtype)  # (N,)
+    eps = omoe.ridge(e.pow(2).sum(-1)) if ridge else torch.zeros(e.shape[0], dtype=e.dtype)  # (N,)
     if orth == "orthonormal":
         q = omoe.gram_schmidt(e, eps=eps)
     elif orth == "normalized":
@@ -321,7 +321,7 @@ def _mix_hints(report, got, e, g, orth):
                    "orthonormal runs Gram–Schmidt over the experts" if orth == "orthonormal"
                    else "normalized scales each e_k to unit length on its own, no projections")),
                (_reference_mix(e, g, orth, ridge=False),
-                "yours has no ridge: eps = omoe._ridge(mean over k of |e_k|²), per token, as in the layer"),
+                "yours has no ridge: eps = omoe.ridge(|e_k|² of the active experts), per token, as in the layer"),
                (_reference_mix(e, g, "none"), "yours is the plain Σ_k g_k e_k: nothing is normalised")]
     for value, note in guesses:
         if torch.allclose(got.detach(), value, atol=1e-9):

@@ -10,10 +10,11 @@ from pathlib import Path
 import sentencepiece as spm
 import tokenizers
 
-from weights import resolve_hf_cache
+from plumbing.errors import BadInput
+from plumbing import hub
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BadInput):
     """Bad or missing tokenizer files. The message is one line naming the file (and key)."""
 
 
@@ -46,7 +47,7 @@ class Tokenizer:
     """
 
     def __init__(self, path):
-        path = resolve_hf_cache(path)
+        path = hub.resolve_model(path) if Path(path).is_dir() else Path(path)  # a cache folder: its snapshot
         directory, self.file = (path, _tokenizer_file(path)) if path.is_dir() else (path.parent, path)
         if not self.file.is_file():
             raise TokenizerError(f"{path}: tokenizer not found (a sentencepiece tokenizer.model or a "

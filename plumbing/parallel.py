@@ -28,8 +28,10 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import data
 import omoe
-from model import Transformer, checkpoint_names, load_config
-from weights import open_weights
+from model import Transformer, load_config
+from plumbing import adapters
+from plumbing.errors import BadInput, TrainingDiverged
+from plumbing.weights import checkpoint_names, open_weights
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
@@ -37,6 +39,11 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     group that already exists (a script calling train.main more than once) is used as it is."""
     if "RANK" not in os.environ:
         return 0, 1, device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ \
+            and not dist.is_initialized():
+        raise BadInput("RANK and WORLD_SIZE are set, but this process was not started by torchrun: it "
+                       "would wait for processes that never come. Unset them (unset RANK WORLD_SIZE "
+                       "LOCAL_RANK MASTER_ADDR MASTER_PORT) or start it with torchrun")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -153,8 +160,8 @@ def load_adapters(model, state: dict) -> None:
     """omoe.load_adapters for a sharded model: the whole tensors of `state` are checked, then each
     process copies its own rows."""
     if not is_sharded(model):
-        return omoe.load_adapters(model, state)
-    omoe.check_adapter_state(model, state)
+        return adapters.load_adapters(model, state)
+    adapters.check_adapter_state(model, state)
     with torch.no_grad():
         for k, p in omoe.adapter_state_dict(model).items():
             local, start = rows(p)
@@ -173,6 +180,15 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
 
 
+def check_finite_adapters(model, when: str, device) -> None:
+    """Refuse to evaluate or save adapters holding NaN or infinity: their results would mean nothing."""
+    state = omoe.adapter_state_dict(model)
+    for name, ok in zip(state, all_finite(list(state.values()), device)):
+        if not ok:
+            raise TrainingDiverged(f"{when}: adapter weight {name} is not finite (NaN or infinity); "
+                                   f"stopping without evaluating or saving it")
+
+
 def all_finite(tensors: list[torch.Tensor], device) -> list[bool]:
     """For each tensor, whether all of it (all its shards) is finite; one exchange, not one per tensor."""
     local = torch.stack([torch.isfinite(rows(t)[0]).all() for t in tensors]).to(device, torch.float64)
@@ -182,7 +198,7 @@ def all_finite(tensors: list[torch.Tensor], device) -> list[bool]:
 
 
 def gather_diagnostics(recorder, device) -> None:
-    """Sum an omoe.DiagnosticsRecorder's counts over all processes, so that its summary describes the
+    """Sum a plumbing.diagnostics recorder's counts over all processes, so that its summary describes the
     tokens of every process, not only of this one."""
     if recorder is None or not dist.is_initialized():
         return
@@ -200,19 +216,19 @@ def gather_diagnostics(recorder, device) -> None:
 
 # ── evaluation, shared ────────────────────────────────────────────────────────────────────────
 
-def evaluate_tasks(model, tok, tasks: dict, mode: str, batch_size: int, max_new_tokens: int, device) -> dict:
-    """data.evaluate_tasks with the batches dealt out: process r of N runs batches r, r + N, ... of the
-    single process's, so every batch, and so every score and answer, is the one a single process computes."""
+def shared_respond(device):
+    """data.respond with the batches dealt out: process r of N answers batches r, r + N, ... of the
+    single process's, so every batch, and so every score and answer, is the one a single process
+    computes (pass it to data.evaluate_tasks). One process: data.respond itself."""
     if not dist.is_initialized():
-        return data.evaluate_tasks(model, tok, tasks, mode, batch_size, max_new_tokens)
-    share = (dist.get_rank(), dist.get_world_size())
-    results = {}
-    for task, examples in tasks.items():
+        return data.respond
+
+    def respond(model, tok, examples, mode, batch_size, max_new_tokens):
+        share = (dist.get_rank(), dist.get_world_size())
         with lockstep(model, device):
-            mine = data.answer(model, tok, examples, mode, batch_size, max_new_tokens, share)
-        answers = merge(mine)  # after lockstep: every process has finished its forward passes
-        results[task] = data.score(examples, data.labels(examples, answers, mode), mode)
-    return results
+            mine = data.respond(model, tok, examples, mode, batch_size, max_new_tokens, share)
+        return merge(mine)  # after lockstep: every process has finished its forward passes
+    return respond
 
 
 def merge(mine: list) -> list:
@@ -251,3 +267,14 @@ def lockstep(model, device):
         while all_sum(0, device) > 0:
             model(dummy)
     model.train(was_training)
+
+
+def teardown(code: int, ours: bool) -> None:
+    """After a run: wait for the other processes, and close the process group this run made. After a
+    failure the others may be waiting in a collective: torchrun stops them when this one exits, and
+    a barrier would wait forever."""
+    if dist.is_initialized():
+        if code in (0, 130, 143):
+            dist.barrier()
+        if ours:
+            dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """PEFT's LoRA adapter files, both ways: a plain-LoRA adapter of ours written exactly as PEFT writes it,
-and a PEFT LoRA adapter read as add_experts arguments and adapter weights (omoe.save_adapters and
-omoe.load_adapter_files call these).
+and a PEFT LoRA adapter read as add_experts arguments and adapter weights (plumbing/adapters.py calls
+these).
 
     adapter_config.json        {"peft_type": "LORA", "r": R, "lora_alpha": alpha, "target_modules": [...], ...}
     adapter_model.safetensors  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (R, D_in)
@@ -15,9 +15,12 @@ from pathlib import Path
 
 from torch import Tensor
 
-from weights import load_safetensors
+from plumbing.checks import check_layer_args
+from plumbing.errors import BadInput
+from plumbing.weights import load_safetensors
 
 PREFIX = "base_model.model."
+PEFT_NAMES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 # The settings PEFT writes whose other values change the layer (DoRA, rsLoRA's alpha / sqrt(r), biases,
 # per-layer ranks, ...): a PEFT adapter is read only with these values, and ours are written with them.
 PLAIN_LORA = {"bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -46,23 +49,31 @@ def to_peft(targets: list[str], rank: int, alpha: float, dropout: float, state: 
 
 
 def from_peft_config(path: Path, c: dict, projections) -> dict:
-    """PEFT's adapter_config.json (at path) -> add_experts arguments; anything but plain LoRA is refused."""
+    """PEFT's adapter_config.json (at path) -> add_experts arguments; anything but plain LoRA is
+    refused. target_modules are layer names, as ours are: the projections come first in the model's
+    order (PEFT stores a set), then any other names (lm_head, ...) sorted."""
     if c["peft_type"] != "LORA":
-        raise ValueError(f"{path}: peft_type {c['peft_type']!r} is not supported (only 'LORA')")
+        raise BadInput(f"{path}: peft_type {c['peft_type']!r} is not supported (only 'LORA')")
     for key, default in PLAIN_LORA_READ.items():
         value = c.get(key)
         if value is not None and value != default and not (default in ({}, None) and not value):
-            raise ValueError(f"{path}: {key}={value!r} is not supported (plain LoRA only: {key}={default!r})")
+            raise BadInput(f"{path}: {key}={value!r} is not supported (plain LoRA only: {key}={default!r})")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in c:
-            raise ValueError(f"{path}: no {key!r}")
+            raise BadInput(f"{path}: no {key!r}")
     targets = c["target_modules"]
-    if not isinstance(targets, list) or not targets or not all(t in projections for t in targets):
-        raise ValueError(f"{path}: target_modules={targets!r} must be a list of the projections "
-                         f"{', '.join(projections)}")
-    targets = [t for t in projections if t in targets]  # PEFT stores a set: put them in the model's order
-    return dict(targets=targets, experts=1, top_k=None, rank=c["r"], alpha=c["lora_alpha"],
-                dropout=c.get("lora_dropout") or 0.0, orth="none")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise BadInput(f"{path}: target_modules={targets!r} must be a list of layer names, such as the "
+                       f"projections {', '.join(projections)}")
+    targets = [t for t in projections if t in targets] + sorted(set(targets) - set(projections))
+    config = dict(targets=targets, experts=1, top_k=None, rank=c["r"], alpha=c["lora_alpha"],
+                  dropout=c.get("lora_dropout") or 0.0, orth="none")
+    try:
+        check_layer_args(1, None, config["rank"], config["alpha"], config["dropout"], "none", ("none",))
+    except ValueError as e:  # named as PEFT names them
+        ours, rest = str(e).split(" ", 1)
+        raise BadInput(f"{path}: {PEFT_NAMES.get(ours, ours)} {rest}") from None
+    return config
 
 
 def from_peft_state(weights: Path) -> dict[str, Tensor]:
@@ -71,7 +82,7 @@ def from_peft_state(weights: Path) -> dict[str, Tensor]:
     for name, tensor in load_safetensors(weights).items():
         module, dot, kind = name.removesuffix(".weight").rpartition(".")
         if not (name.endswith(".weight") and kind in ("lora_A", "lora_B") and module.startswith(PREFIX)):
-            raise ValueError(f"{weights}: tensor {name!r} is not a lora_A or lora_B matrix of PEFT's LoRA")
+            raise BadInput(f"{weights}: tensor {name!r} is not a lora_A or lora_B matrix of PEFT's LoRA")
         ours = module.removeprefix(PREFIX).removeprefix("model.")
         state[f"{ours}.{kind}"] = tensor[None]  # (R, D_in) -> (1, R, D_in); (D_out, R) -> (1, D_out, R)
     return state

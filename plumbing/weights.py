@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from plumbing.errors import BadInput
+
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
@@ -45,7 +47,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A weight file or model directory that cannot be read; the message names it."""
 
 
@@ -317,28 +319,6 @@ def read_safetensors_metadata(path) -> dict[str, str]:
 
 # ── Hugging Face model directories ─────────────────────────────────────────────────────────────
 
-def resolve_hf_cache(path) -> Path:
-    """A Hugging Face cache folder (.../models--org--name, as a download leaves it) -> the snapshot it
-    points at; any other path is returned as it is.
-
-    The cache keeps each downloaded revision under snapshots/<commit>/ and the commit of the branch
-    last downloaded in refs/main; a folder with no refs/main but a single snapshot uses that one."""
-    path = Path(path)
-    if not (path.name.startswith("models--") and (path / "snapshots").is_dir()):
-        return path
-    ref = path / "refs" / "main"
-    if ref.is_file():
-        snapshot = path / "snapshots" / ref.read_text().strip()
-        if not snapshot.is_dir():
-            raise CheckpointError(f"{ref}: names snapshot {snapshot.name!r}, which is not in {path / 'snapshots'}")
-        return snapshot
-    snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
-    if len(snapshots) != 1:
-        raise CheckpointError(f"{path}: no refs/main and {len(snapshots)} snapshots; give one of "
-                              f"{path / 'snapshots'}/<commit> as the model directory")
-    return snapshots[0]
-
-
 def find_weight_files(directory) -> list[Path]:
     """The weight files of a Hugging Face model directory: a single file, or the shards its
     index lists (each checked to exist), looking for WEIGHT_FILES in that order."""
@@ -479,3 +459,41 @@ class WeightReader:
 def open_weights(directory) -> WeightReader:
     """Open the weights of a Hugging Face model directory; see WeightReader."""
     return WeightReader(directory)
+
+
+def checkpoint_names(ours: dict, reader, path, tied: bool) -> list[tuple[str, str]]:
+    """(our name, the checkpoint's name) of every tensor to load, largest first; every one checked first.
+
+    ours: our state_dict (its tensors may be on the meta device: only names and shapes are read).
+    Every parameter must come from the checkpoint: a missing, unexpected, wrongly shaped or integer
+    tensor is an error naming it, before anything is copied, never a partial load."""
+    # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
+    # older checkpoints store, are derived, not loaded.
+    file_name = {name.removeprefix("model."): name for name in reader.shapes
+                 if not name.endswith("rotary_emb.inv_freq")}
+    # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
+    needed = [n for n in ours if not (tied and n == "lm_head.weight")]
+    missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
+    unexpected = [file_name[n] for n in file_name if n not in ours]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json; missing tensors: "
+                              f"{_names(missing)}; unexpected tensors: {_names(unexpected)}")
+    wrong = [f"{file_name[n]}: checkpoint {tuple(reader.shapes[file_name[n]])} vs config "
+             f"{tuple(ours[n].shape)}" for n in needed if tuple(reader.shapes[file_name[n]]) != tuple(ours[n].shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor shapes do not match config.json: " + "; ".join(wrong))
+    for n in needed:  # copy_ would turn integers into float weights without a word
+        if not reader.dtypes[file_name[n]].is_floating_point:
+            raise CheckpointError(f"{reader.path_of(file_name[n])}: tensor {file_name[n]!r} has dtype "
+                                  f"{reader.dtypes[file_name[n]]}, but a floating-point weight belongs there")
+    # Largest first: while a tensor is copied its pages in the file are resident too, so memory
+    # peaks at the weights loaded so far plus the tensor being read. Starting with the embeddings
+    # keeps that peak at about one copy of the weights.
+    return [(n, file_name[n]) for n in sorted(needed, key=lambda n: ours[n].numel(), reverse=True)]
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

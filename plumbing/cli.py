@@ -1,0 +1,304 @@
+"""train.py's command line: the flags in groups, each value's domain checked before anything is
+loaded, and the tables a run prints. A bad value is one line naming the flag, exit code 2.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from plumbing import parallel, run_folder
+from plumbing.errors import BadInput, RunFailed
+
+# Flags whose default depends on the recipe (train.PAPER with --model, train.EMBEDDED without).
+RECIPE_KEYS = ("rank", "alpha", "dropout", "batch_size", "micro_batch_size", "lr", "epochs", "warmup",
+               "eval_batch_size", "log_every")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # omoe.TARGETS
+ORTH_MODES = ("orthonormal", "orthogonal", "normalized", "none")                        # omoe.ORTH_MODES
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" or "(default: False)" after help
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other refusal (the usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
+    p = ArgumentParser(prog="train.py", formatter_class=HelpFormatter,
+                       description="Fine-tune a LLaMA with OMoE adapters and evaluate it.")
+    group = None
+
+    def a(flag, help, **kw):
+        key = flag[2:].replace("-", "_")
+        if key in RECIPE_KEYS:  # filled in after parsing, from the recipe
+            kw["default"] = argparse.SUPPRESS
+            help += f" (default: {paper[key]} with --model, {embedded[key]} for the embedded model)"
+        group.add_argument(flag, help=help, **kw)
+
+    group = p.add_argument_group("model and data")
+    a("--model", default=None, help="a local Hugging Face LLaMA directory, its models--org--name cache "
+      "folder, or a hub id such as meta-llama/Llama-2-7b-hf (found in the local Hugging Face cache, "
+      "else downloaded); without it, the embedded tiny LLaMA of assets/tiny-llama")
+    a("--revision", default=None, help="with a hub id: the branch, tag or commit (default: main)")
+    a("--tokenizer", default=None, help="a tokenizer.model, tokenizer.json or folder holding one, "
+      "when the model's folder has none")
+    a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of "
+      "<task>/train.json (without --model: the embedded tasks of assets/world)")
+    a("--eval-data", default=None, help="evaluation data: a JSON file or a folder of <task>/test.json "
+      "(default: the test files beside --data, when it is a folder)")
+    a("--val-data", default=None, help="validation data, for choosing settings (the test never is): a "
+      "JSON file or a folder of <task>/val.json (default: the val files beside --data, if any)")
+    a("--val-fraction", type=float, default=None, help="hold out this fraction of each training task "
+      "as validation, by a fixed seeded draw (for data without val files); replaces --val-data")
+    a("--train-limit", type=int, default=None, help="use only the first N training examples of each task")
+    a("--cutoff-len", type=int, default=512, help="longest training example in tokens (data.py "
+      "says how longer ones are truncated)")
+    a("--train-on-prompt", action="store_true", help="compute the loss on the prompt too, not only "
+      "the response")
+
+    group = p.add_argument_group("method")
+    a("--experts", type=int, default=2, help="LoRA experts per adapted layer")
+    a("--top-k", type=int, default=None, help="active experts per token (default: all, soft routing)")
+    a("--orth", choices=ORTH_MODES, default=None, help="what happens to the active experts' outputs: "
+      "orthonormal (OMoE, the default with several experts), orthogonal, normalized (unit length, "
+      "no projections), or none (vanilla MoE-LoRA; the default with --lora)")
+    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides "
+      "--experts); with --orth normalized, a normalised LoRA")
+    a("--rank", type=int, help="LoRA rank r of each expert")
+    a("--alpha", type=float, help="LoRA alpha; experts are scaled by alpha / rank")
+    a("--dropout", type=float, help="dropout on the experts' input")
+    a("--targets", default=None, help="comma-separated names of the linear layers that get experts "
+      f"(default: {','.join(TARGETS)}, less those of --lora-targets)")
+    a("--lora-targets", default=None, help="comma-separated names of linear layers that get plain "
+      "LoRA beside the experts, e.g. q_proj,k_proj,v_proj,o_proj with --targets "
+      "gate_proj,up_proj,down_proj as MixLoRA lays them out")
+    a("--aux-loss-coef", type=float, default=0.0, help="weight of the load-balancing loss (top-k)")
+
+    group = p.add_argument_group("optimisation")
+    a("--batch-size", type=int, help="examples per optimizer step (over all processes)")
+    a("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
+    a("--lr", type=float, help="peak learning rate of AdamW")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--epochs", type=float, help="passes over the training data")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides "
+      "--epochs)")
+    a("--warmup", type=int, help="linear warm-up steps (a run shorter than this warms up over a "
+      "tenth of its steps, and says so)")
+    a("--schedule", choices=("constant", "cosine", "linear"), default="linear",
+      help="learning-rate decay after warm-up")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
+
+    group = p.add_argument_group("evaluation")
+    a("--eval-mode", choices=("likelihood", "generate"), default="likelihood", help="likelihood: "
+      "score each answer label; generate: greedy decoding, then the first label found")
+    a("--eval-batch-size", type=int, help="examples per evaluation batch")
+    a("--eval-limit", type=int, default=None, help="evaluate on at most N examples per task")
+    a("--eval-every", type=int, default=0, help="also evaluate every N steps, on validation if there "
+      "is any, else on the test (0 = only before and after)")
+    a("--skip-base-eval", action="store_true", help="do not evaluate the base model first")
+    a("--skip-test-eval", action="store_true", help="evaluate on validation only, never on the test "
+      "(while choosing a setting)")
+    a("--eval-only", action="store_true", help="only evaluate the adapters of --adapter: the results "
+      "go to <out>/eval-<data>.json, beside a run's own files, which are left as they are")
+    a("--adapter", default=None, help="with --eval-only: an adapter folder written by a run "
+      "(<out>/adapter) or a PEFT LoRA adapter folder")
+
+    group = p.add_argument_group("run folder")
+    a("--out", default="out", help="folder for the log, checkpoint, adapters and results.json")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    a("--overwrite", action="store_true", help="replace the run in --out (the files it wrote), once "
+      "every input was checked")
+    a("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
+    a("--log-every", type=int, help="log the loss, each expert's router probability and load (share "
+      "of tokens routed to it) and the experts' similarity every N steps")
+
+    group = p.add_argument_group("speed and scale")
+    a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="storage "
+      "dtype of the frozen base (adapters stay float32; auto = bfloat16 on CUDA)")
+    a("--grad-checkpoint", action="store_true", help="recompute activations in backward: less memory")
+    a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base over the processes "
+      "(FSDP2) instead of a whole copy in each (DDP), for bases larger than one GPU")
+    return p
+
+
+def defaults() -> dict:
+    """Every flag's default that does not depend on the recipe, as parse_args stores it."""
+    p = build_parser(dict.fromkeys(RECIPE_KEYS), dict.fromkeys(RECIPE_KEYS))
+    found = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
+    return {**found, "lora_targets": [], "help": None}
+
+
+def parse_args(argv, paper: dict, embedded: dict):
+    """The flags -> args, with the recipe's defaults filled in and every value checked."""
+    p = build_parser(paper, embedded)
+    args = p.parse_args(argv)
+    if args.revision is not None and args.model is None:
+        p.error("--revision needs --model (a hub id such as meta-llama/Llama-2-7b-hf)")
+    recipe = embedded if args.model is None else paper
+    for key in RECIPE_KEYS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, recipe[key])
+    if args.model is None:
+        args.model = embedded["model"]
+        args.data = args.data or embedded["data"]
+    if args.lora:
+        args.experts, args.top_k = 1, None
+    args.orth = args.orth or ("orthonormal" if args.experts > 1 else "none")
+    args.lora_targets = [t for t in (args.lora_targets or "").split(",") if t]
+    args.targets = ([t for t in args.targets.split(",") if t] if args.targets is not None
+                    else [t for t in TARGETS if t not in args.lora_targets])
+    try:
+        check(args)
+    except BadInput as e:
+        p.error(str(e))
+    return p, args
+
+
+def check(args) -> None:
+    """Every flag's domain, before anything is loaded: a value that cannot work is refused now, in
+    one line naming the flag, not after hours of training (or never)."""
+    at_least = {"experts": 1, "rank": 1, "batch_size": 1, "micro_batch_size": 1, "cutoff_len": 3,
+                "warmup": 0, "eval_batch_size": 1, "eval_every": 0, "log_every": 1, "save_every": 1,
+                "top_k": 1, "max_steps": 1, "train_limit": 1, "eval_limit": 1}  # the last four: or None
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise BadInput(f"--{key.replace('_', '-')} {value}: must be at least {low}")
+    numbers = {"alpha": (0, False), "lr": (0, False), "epochs": (0, False), "weight_decay": (0, True),
+               "grad_clip": (0, True), "aux_loss_coef": (0, True), "dropout": (0, True)}  # inclusive?
+    for key, (low, inclusive) in numbers.items():
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise BadInput(f"--{key.replace('_', '-')} {value}: must be a finite number "
+                           f"{'>=' if inclusive else '>'} {low}")
+    for failed, message in contradictions(args):
+        if failed:
+            raise BadInput(message)
+
+
+def contradictions(args) -> list[tuple[bool, str]]:
+    return [
+        (args.dropout >= 1, f"--dropout {args.dropout}: must be below 1"),
+        (args.top_k is not None and args.top_k > args.experts,
+         f"--top-k {args.top_k} must be between 1 and --experts {args.experts}"),
+        (args.aux_loss_coef > 0 and args.top_k is None,
+         f"--aux-loss-coef {args.aux_loss_coef}: the load-balancing loss needs top-k routing "
+         f"(--top-k); with soft routing it would change nothing"),
+        (args.batch_size % args.micro_batch_size != 0,
+         f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+         f"{args.micro_batch_size}"),
+        (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be in [0, 2^64)"),
+        (not args.targets, f"--targets {','.join(args.targets)!r}: names no layer"),
+        (args.eval_only and not args.adapter, "--eval-only needs --adapter PATH (a folder written "
+                                              "by a run)"),
+        (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
+        (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue "
+                                         "the run, or replace it"),
+        (args.resume and args.eval_only, "--resume continues training; --eval-only does not train"),
+        (args.fsdp and "RANK" not in os.environ, "--fsdp shards the model over processes started by "
+                                                 "torchrun: torchrun --nproc_per_node N train.py ... --fsdp"),
+        (args.val_fraction is not None and not 0 < args.val_fraction < 1,
+         "--val-fraction must be in (0, 1)"),
+        (args.val_fraction is not None and args.val_data is not None,
+         "give --val-data or --val-fraction, not both"),
+        (args.val_fraction is not None and args.eval_only,
+         "--val-fraction splits training data: not with --eval-only"),
+    ]
+
+
+# ── What a run prints ───────────────────────────────────────────────────────────────────────────
+
+VAL_TITLE = "validation (held out of training, for choosing settings; the test is for reporting them)"
+
+
+def average(results: dict | None) -> float | None:
+    """The mean accuracy over tasks (tasks weigh alike, as in the published tables), or None."""
+    return sum(r["accuracy"] for r in results.values()) / len(results) if results else None
+
+
+def print_trainable_parameters(model) -> tuple[int, int]:
+    """PEFT's line: the trainable parameters (the adapters) beside all of them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+def print_table(before: dict | None, after: dict, title: str = "test") -> None:
+    """Accuracy per task before and after training, beside the two baselines that need no model:
+    uniform chance and always answering the most frequent label (data.baselines), and their means."""
+    print(f"\n{title}\n{'task':<16}{'n':>6}{'chance':>9}{'majority':>9}{'before':>9}{'after':>9}")
+    for task, r in after.items():
+        b = f"{before[task]['accuracy']:9.3f}" if before else f"{'-':>9}"
+        extra = f"   (no label in {r['no_label']} answers)" if "no_label" in r else ""
+        print(f"{task:<16}{r['n']:>6}{r['chance']:9.3f}{r['majority']:9.3f}{b}{r['accuracy']:9.3f}"
+              f"{extra}")
+    mean = {k: sum(r[k] for r in after.values()) / len(after) for k in ("chance", "majority")}
+    b = f"{average(before):9.3f}" if before else f"{'-':>9}"
+    print(f"{'average':<16}{'':>6}{mean['chance']:9.3f}{mean['majority']:9.3f}{b}{average(after):9.3f}")
+
+
+def print_diversity(by_block: dict) -> None:
+    """The router and expert-diversity diagnostics of the last logged step, one row per block."""
+    print("\nexperts at the last logged step, mean over each block's adapted layers: the router's mean "
+          "probability\nper expert (before top-k), the share of tokens sent to each expert (its load); "
+          "|cos| is the mean\n|cosine| between two experts' outputs for one token, before and after "
+          "Gram-Schmidt (0 = orthogonal):")
+    print(f"{'block':<8}{'router prob':<20}{'load':<20}{'|cos| before':>13}{'after':>8}")
+    for block, s in by_block.items():
+        prob, load = (" ".join(f"{x:.2f}" for x in s[k]) for k in ("prob", "load"))
+        print(f"{block:<8}{prob:<20}{load:<20}{s['cos_before']:13.3f}{s['cos_after']:8.3f}")
+
+
+def log_line(entry: dict, means: dict) -> str:
+    """One logged step: its loss, learning rate and speed, and the experts' diagnostics."""
+    return (f"step {entry['step']}: loss {entry['loss']:.4f}, lr {entry['lr']:.2e}, "
+            f"{entry['tokens_per_s']:.0f} tok/s" +
+            (f", router p {[round(x, 3) for x in means['prob']]} load "
+             f"{[round(x, 3) for x in means['load']]}, expert |cos| before Gram-Schmidt "
+             f"{means['cos_before']:.3f} after {means['cos_after']:.3f}" if means else ""))
+
+
+def accuracies(results: dict) -> str:
+    return ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items())
+
+
+def run_command(run, args) -> int:
+    """run(args) as a command: a refusal (BadInput) is one line and exit code 2, a failure that keeps
+    what it had (RunFailed) one line and 1, Ctrl-C 130; anything else is a bug and shows its
+    traceback. A process group that run() made is closed here."""
+    code, ours = 1, not dist.is_initialized()
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    try:
+        code = run(args)
+        return code
+    except BadInput as e:  # a flag, file or record that cannot be used: nothing was lost
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:  # a diverged loss, a file that could not be written
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        kept = f"the last checkpoint written is {checkpoint}" if checkpoint.exists() else \
+            "no checkpoint was written"
+        print(f"train.py: interrupted; {kept}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        run_folder.quiet_stdout()
+        print(f"train.py: error: standard output was closed (its reader exited); stopped, the last "
+              f"checkpoint written is {run_folder.last_checkpoint(checkpoint)}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.teardown(code, ours)
