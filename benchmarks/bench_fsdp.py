@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelArgs, Transformer  # noqa: E402
-from weights import save_safetensors  # noqa: E402
+from plumbing.weights import save_safetensors  # noqa: E402
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:
@@ -69,7 +69,7 @@ def peak_rss() -> int:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import parallel
+    from plumbing import parallel
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     start_up = rss()

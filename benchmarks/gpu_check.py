@@ -437,8 +437,8 @@ def compile_train(ctx):
     t2 = time.time()
     eager, compiled = logged_losses(ctx.tmp / "eager"), logged_losses(ctx.tmp / "compiled")
     diff = max(abs(a - b) / abs(a) for a, b in zip(eager, compiled))
-    import omoe
-    a, b = (omoe.load_adapter_files(ctx.tmp / run / "adapter")[1] for run in ("eager", "compiled"))
+    from plumbing import adapters
+    a, b = (adapters.load_adapter_files(ctx.tmp / run / "adapter")[1] for run in ("eager", "compiled"))
     weights = max(rel(b[k], a[k]) for k in a)
     say(f"- {flags[3]} steps, float32 base: logged losses (means of {flags[5]} steps) differ by at most {diff:.1e} (relative), "
         f"the trained adapters by {weights:.1e} (max |difference| / max |weight|); eager {t1 - t0:.0f} s, "

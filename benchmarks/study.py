@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import omoe  # noqa: E402
 import study_report  # noqa: E402
+from plumbing.diagnostics import diagnostics_by_block  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from train import EMBEDDED  # noqa: E402
 
@@ -332,7 +333,7 @@ class Study:
                               "val_curve": answer_curve + [[result["steps"], answers(result.get("val_after"))]]
                               if answer_curve else []},
                   "environment": result.get("environment"),
-                  "diagnostics": omoe.diagnostics_by_block(next((e["experts"] for e in reversed(log)
+                  "diagnostics": diagnostics_by_block(next((e["experts"] for e in reversed(log)
                                                                   if e.get("experts")), {})),
                   "trainable": result.get("trainable_params"),
                   "train_loss": last_loss(log),

@@ -313,7 +313,7 @@ def test_mix_normalized_where_orthonormal_was_asked_and_without_the_ridge():
         return torch.einsum("nk,nkd->nd", g, q)
     report = check.mix(mix)
     failed(report, 24, 24)
-    assert "yours has no ridge: eps = omoe._ridge(mean over k of |e_k|²), per token" in lines(
+    assert "yours has no ridge: eps = omoe.ridge(|e_k|² of the active experts), per token" in lines(
         report, "normalized, soft routing over 3 experts")
     assert "the update Σ_k g_k q_k: yours has 288 NaN or inf entries of 288" in lines(
         report, "orthonormal, step 0 (B = 0)")

@@ -131,7 +131,7 @@ def route(fn) -> Report:
             with torch.no_grad():
                 layer.router.weight.normal_(std=1.0)  # a trained-looking router: gates far from uniform
             x, W_g = leaves(torch.randn(N, D_in, dtype=F64), layer.router.weight)
-            probs, gates, _, top = layer.route(x)
+            probs, gates, top = _route(layer, x)
             out = call(report, case, fn, x, W_g, k)
             if out is RAISED:
                 continue
@@ -271,11 +271,20 @@ MIX_CASES = {  # case: (orth, experts, top_k, std of B)
 }
 
 
+def _route(layer, x):
+    """The layer's probabilities (N, E), gates (N, E) and active experts top (N, K) in Gram–Schmidt
+    order: with soft routing (k = E) the layer gives None for top, meaning every expert."""
+    probs, gates, _, top = layer.route(x)
+    if top is None:
+        top = torch.arange(probs.shape[-1]).expand(probs.shape[0], -1)
+    return probs, gates, top
+
+
 def _active(layer, x):
     """The active experts' outputs e (N, K, D_out) in Gram–Schmidt order and their gates g (N, K)."""
     h = torch.einsum("nd,erd->ner", x, layer.lora_A)                                 # (N, E, R)
     e = layer.scaling * torch.einsum("ner,eor->neo", h, layer.lora_B)                # (N, E, D_out)
-    _, gates, _, top = layer.route(x)                                                # (N, E), (N, K)
+    _, gates, top = _route(layer, x)                                                 # (N, E), (N, K)
     return e.gather(1, top[:, :, None].expand(-1, -1, e.shape[-1])), gates.gather(1, top)
 
 
