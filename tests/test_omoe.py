@@ -578,3 +578,30 @@ def test_single_expert_matches_peft_lora(tmp_path):
         got = ours(tokens)
     assert (expected - base).abs().max() > 1e-2                                 # the adapters matter
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_one_ridge_for_every_path(top_k, monkeypatch):
+    """The ridge comes from omoe.ridge alone: with another ridge, the fast path, the reference path and
+    the diagnostics still agree (the diagnostics' |cos| after Gram–Schmidt is that of the reference
+    path's orthonormal outputs)."""
+    monkeypatch.setattr(omoe, "ridge", lambda sq: 0.5 + 0.0 * sq.mean(-1))  # far from the default
+    m = layer(experts=3, top_k=top_k, orth="orthonormal")
+    with torch.no_grad():
+        m.lora_B.mul_(0.3)  # outputs of about the ridge's size, where it matters
+    x = torch.randn(9, 10, dtype=torch.float64)
+    out = outputs(m, x)
+    torch.testing.assert_close(out["fast"], out["reference"], atol=1e-10, rtol=0)
+    _, gates, active, top = m.route(x)
+    h = (x @ m.lora_A.flatten(0, 1).T).view(9, 3, 3)
+    e = m.scaling * torch.einsum("ner,eor->neo", h, m.lora_B)
+    if top is not None:
+        e = e.gather(1, top[:, :, None].expand(-1, -1, e.shape[-1]))
+    q = omoe.gram_schmidt(e, eps=omoe.ridge(e.pow(2).sum(-1)))                      # (N, K, D)
+    cos = torch.nn.functional.cosine_similarity(q[:, :, None], q[:, None], dim=-1).abs()
+    K = q.shape[1]
+    expected = cos[:, torch.ones(K, K, dtype=torch.bool).triu(1)].mean()
+    with diagnostics.record_diagnostics(torch.nn.Sequential(m)) as recorder:
+        m(x)
+    got = next(iter(recorder.summary().values()))["cos_after"]
+    assert got == pytest.approx(float(expected), abs=1e-6)  # the recorder works in float32

@@ -326,3 +326,42 @@ def test_experts_beside_plain_lora_train_save_and_reload(tiny_model_dir, task_di
     again = json.loads(next((tmp_path / "eval").glob("eval-*.json")).read_text())["after"]
     after = json.loads((out / "results.json").read_text())["after"]
     assert {t: r["accuracy"] for t, r in again.items()} == {t: r["accuracy"] for t, r in after.items()}
+
+
+def test_backward_runs_outside_autocast(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """A bf16 base under autocast: the forward and the loss run inside it, backward outside."""
+    seen, real = [], torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 2,
+               "--dtype", "bfloat16", "--skip-base-eval", *QUICK) == 0
+    assert seen and not any(seen)
+
+
+def test_a_bug_is_a_traceback_not_a_refusal(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """Only the project's refusals (BadInput) become "bad input, exit 2": any other error inside,
+    a ValueError included, is a bug and keeps its traceback."""
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+    monkeypatch.setattr(train, "lr_lambda", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path / "a", "--max-steps", 1, *QUICK)
+    assert run("--model", tiny_model_dir, "--data", tmp_path / "nowhere", "--out", tmp_path / "b",
+               *QUICK) == 2  # a refusal
+
+
+def test_diagnostics_count_each_token_once_under_gradient_checkpointing(tiny_model_dir, task_dir, tmp_path):
+    """Recomputing the forward in backward must not count the recorded tokens twice."""
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 2, "--experts", 3, "--top-k", 2,
+              "--skip-base-eval", *QUICK]
+    assert run(*common, "--out", tmp_path / "plain") == 0
+    assert run(*common, "--out", tmp_path / "recompute", "--grad-checkpoint") == 0
+
+    def experts(out):
+        return [e["experts"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "experts" in e]
+    plain, recompute = experts(tmp_path / "plain"), experts(tmp_path / "recompute")
+    assert plain and [{k: v["tokens"] for k, v in s.items()} for s in plain] == \
+        [{k: v["tokens"] for k, v in s.items()} for s in recompute]
