@@ -169,7 +169,8 @@ def pretraining_document(world: dict, rng: random.Random) -> str:
         instruction = (f"Please choose the correct answer to the question: {QUESTIONS[attr].format(name)}\n\n"
                        f"{listed}\n\nAnswer format: {labels}")
         return data.prompt(data.Example(instruction)) + f"the correct answer is {right}"
-    return f"Quiz: {QUESTIONS[attr].format(name)}\n{listed}\nSo the correct answer is {right}, because {answer(attr, name, facts[attr])}"
+    because = answer(attr, name, facts[attr])
+    return f"Quiz: {QUESTIONS[attr].format(name)}\n{listed}\nSo the correct answer is {right}, because {because}"
 
 
 def pretraining_text(world: dict, seed: int, n_documents: int) -> list[str]:
@@ -333,7 +334,8 @@ def main(argv=None) -> None:
     start, out = time.time(), Path(args.out)
 
     world = make_world(args.seed)
-    for folder, tasks in (("world", make_tasks(world, args.seed)), ("world-val", make_validation_tasks(world, args.seed))):
+    for folder, tasks in (("world", make_tasks(world, args.seed)),
+                          ("world-val", make_validation_tasks(world, args.seed))):
         for task, splits in tasks.items():
             (out / folder / task).mkdir(parents=True, exist_ok=True)
             for split, records in splits.items():

@@ -28,7 +28,8 @@ keeps to --budget seconds and skips what no longer fits (the last stages matter 
   compile         train.py --compile against eager (float32 base), losses and final adapters
   speed-compiled  the speed stage with every block torch.compile'd
 
-    python benchmarks/gpu_check.py --dry-run   # every stage on tiny CPU shapes, about 2 minutes on one CPU thread (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --dry-run   # every stage on tiny CPU shapes, about 2 minutes on one CPU
+                                               # thread (tests/test_gpu_check.py)
 """
 import argparse
 import datetime
@@ -91,8 +92,10 @@ def run_train(ctx, argv, out: Path, timeout=None) -> dict:
                           cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[1:3])}... exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() else []
-    return {"losses": [e["loss"] for e in log if "loss" in e], "results": json.loads((out / "results.json").read_text())}
+    lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+    log = [json.loads(line) for line in lines]
+    return {"losses": [e["loss"] for e in log if "loss" in e],
+            "results": json.loads((out / "results.json").read_text())}
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -310,7 +313,8 @@ def speed(ctx, compiled):
     say("|---|---|---|---|---|---|")
     lora = None
     order = list(METHODS) if not compiled else ["LoRA r16", "OMoE, 2 soft", "vanilla MoE-LoRA, 2 soft",
-                                                "OMoE, top-2 of 8", "vanilla MoE-LoRA, top-2 of 8", "frozen base (floor)"]
+                                                "OMoE, top-2 of 8", "vanilla MoE-LoRA, top-2 of 8",
+                                                "frozen base (floor)"]
     for name in order[:2] if ctx.dry and compiled else order:  # the dry run: Dynamo traces take a while
         t, peak = measure_step(ctx, model, METHODS[name], steps, batch, length, compiled)
         if name == "LoRA r16":
@@ -440,7 +444,8 @@ def compile_train(ctx):
     from plumbing import adapters
     a, b = (adapters.load_adapter_files(ctx.tmp / run / "adapter")[1] for run in ("eager", "compiled"))
     weights = max(rel(b[k], a[k]) for k in a)
-    say(f"- {flags[3]} steps, float32 base: logged losses (means of {flags[5]} steps) differ by at most {diff:.1e} (relative), "
+    say(f"- {flags[3]} steps, float32 base: logged losses (means of {flags[5]} steps) differ by at most "
+        f"{diff:.1e} (relative), "
         f"the trained adapters by {weights:.1e} (max |difference| / max |weight|); eager {t1 - t0:.0f} s, "
         f"compiled {t2 - t1:.0f} s including compilation")
     if len(eager) != len(compiled) or diff > 1e-3 or weights > 1e-2:

@@ -93,7 +93,8 @@ def markdown(summary: dict, s) -> str:
                          + " | ".join(f"{row[t]:.3f}" for t in tasks) + " | | |")
     for name, m in methods.items():
         if m["picked_lr"] is None:
-            cells = [name, f"{m['trainable']:,}" if m['trainable'] else "", "sweep unfinished"] + [""] * (len(header) - 3)
+            cells = [name, f"{m['trainable']:,}" if m['trainable'] else "", "sweep unfinished"]
+            cells += [""] * (len(header) - 3)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         verdict = ("—" if name == study.REFERENCE else "n/a" if min(len(ref), len(m["test"])) < 2 else
@@ -195,7 +196,8 @@ def figure(summary: dict, s, path: Path) -> None:
         ax.set_xlabel("learning rate")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     axes[0].set_ylabel("validation accuracy (mean over tasks)")
-    fig.suptitle(f"Accuracy against learning rate (mean ± std over {len(s.sweep_seeds)} seeds; ★ the pick)", fontsize=11)
+    fig.suptitle(f"Accuracy against learning rate (mean ± std over {len(s.sweep_seeds)} seeds; ★ the pick)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

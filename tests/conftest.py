@@ -86,7 +86,8 @@ def write_tiny_model(directory: Path, vocab_size: int, seed: int = 0, **override
 def tiny_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     train_tokenizer(directory / "tokenizer.model")
-    return write_tiny_model(directory, spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size())
+    vocab = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).vocab_size()
+    return write_tiny_model(directory, vocab)
 
 
 def records(n: int, kind: str = "answer", seed: int = 0) -> list[dict]:

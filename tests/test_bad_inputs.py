@@ -280,7 +280,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "config: rope_scaling a list": ([], config(rope_scaling=[1]),
                                     "{tmp}/model/config.json: rope_scaling=[1] must be an object or null"),
     "config: heads not a multiple": ([], config(num_key_value_heads=3),
-                                     "{tmp}/model/config.json: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+                                     "{tmp}/model/config.json: num_attention_heads=4 is not a multiple of "
+                                     "num_key_value_heads=3"),
     "config: missing key": ([], config(intermediate_size=...),
                             "{tmp}/model/config.json: config is missing intermediate_size"),
     "config: another architecture": ([], config(model_type="gpt2"),
@@ -300,7 +301,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "weights: truncated": ([], truncate("model/model.safetensors", 0.5), "{tmp}/model/model.safetensors: tensor"),
     "weights: integer dtype": ([], int_weight, "{tmp}/model/model.safetensors: tensor 'model.embed_tokens.weight' "
                                                "has dtype torch.int32, but a floating-point weight belongs there"),
-    "weights: pickled code": ([], unsafe_bin, "{tmp}/model/pytorch_model.bin: refused by torch.load(weights_only=True)"),
+    "weights: pickled code": ([], unsafe_bin,
+                              "{tmp}/model/pytorch_model.bin: refused by torch.load(weights_only=True)"),
     "tokenizer: missing": ([], lambda tmp: (tmp / "model" / "tokenizer.model").unlink(),
                            "{tmp}/model: tokenizer not found (a sentencepiece tokenizer.model or a "
                            "tokenizer.json is expected)"),
@@ -329,7 +331,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "adapter: config invalid JSON": ([], text("adapter/adapter_config.json", "{"),
                                      "{tmp}/adapter/adapter_config.json is not valid JSON"),
     "adapter: config nested too deeply": ([], text("adapter/adapter_config.json", nested()),
-                                          "--adapter {tmp}/adapter: {tmp}/adapter/adapter_config.json is nested too deeply"),
+                                          "--adapter {tmp}/adapter: {tmp}/adapter/adapter_config.json is nested "
+                                          "too deeply"),
     "adapter: NaN weights": ([], adapter_state(lambda s: s[first(s)].fill_(float("nan"))),
                              "--adapter {tmp}/adapter: adapter weight layers.0.mlp.down_proj.lora_A is not finite"),
     "adapter: flipped byte": ([], flip_tensor_byte(ADAPTER, lambda tmp: load_safetensors(tmp / ADAPTER)[
@@ -360,7 +363,8 @@ CASES = {f"flag {' '.join(argv)}": (argv, None, message, "train") for argv, mess
     "checkpoint: not a dict": ([], edit_checkpoint(lambda c, tmp: [1, 2]),
                                "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py"),
     "checkpoint: no checksums": ([], edit_checkpoint(lambda c, tmp: {k: v for k, v in c.items() if k != "checksums"}),
-                                 "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py (no checksums)"),
+                                 "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py "
+                                 "(no checksums)"),
     "checkpoint: checksums not a dict": ([], edit_checkpoint(lambda c, tmp: c | {"checksums": [1]}),
                                          "--resume: {tmp}/out/checkpoint.pt is not a checkpoint of this train.py "
                                          "(its checksums, args or step have the wrong type)"),

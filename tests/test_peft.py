@@ -1,4 +1,4 @@
-"""Adapters PEFT can read and adapters PEFT wrote: peft_format.py through adapters.save_adapters / load_adapter_files."""
+"""Adapters PEFT can read and adapters PEFT wrote: plumbing/peft_format.py, through plumbing/adapters.py."""
 
 import json
 

@@ -3,7 +3,6 @@ test_parallel.py)."""
 
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys

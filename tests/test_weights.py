@@ -144,7 +144,7 @@ def test_copy_into_a_wrong_shape_names_tensor_shapes_and_file(tmp_path):
                     reason="needs Linux's /proc/self/status and madvise")
 def test_copy_into_releases_the_pages_it_read(tmp_path):
     def rss_file_kb():  # resident pages that belong to mapped files
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssFile:"))
+        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("RssFile:"))
         return int(line.split()[1])
 
     big = torch.ones(8 * 2**20 // 4)  # 8 MiB

@@ -254,8 +254,8 @@ def expert_gram(fn) -> Report:
                             f"{wide.seen[0]} (N = {N}, D_out = {D_out}): the experts' outputs, which the "
                             f"rank-space Gram exists to avoid; use the (R, R) blocks B_i^T B_j")
             else:
-                report.ok(case, "no D_out-wide tensor per token", f"none of your torch calls returned a tensor "
-                                                                  f"with both an N and a D_out dim")
+                report.ok(case, "no D_out-wide tensor per token", "none of your torch calls returned a tensor "
+                                                                  "with both an N and a D_out dim")
     return run("Exercise 4, the Gram matrix in rank space", "expert_gram", cases)
 
 

@@ -1,6 +1,7 @@
 """Draws one OMoE layer, the README's architecture figure: python notebooks/figures/draw_architecture.py
 
-    y = W0 x + Σ_k g_k q_k,   q = Gram–Schmidt(e_i for the active i),   e_i = (α/r) B_i A_i x,   g = top-k softmax(W_g x)
+    y = W0 x + Σ_k g_k q_k,   q = Gram–Schmidt(e_i for the active i),
+    e_i = (α/r) B_i A_i x,   g = top-k softmax(W_g x)
 
 Writes omoe_layer.png beside this file. Boxes are placed on a 16 x 8 grid of data units.
 """
@@ -50,14 +51,15 @@ def draw(path: Path = OUT) -> Path:
         experts.append((a, b))
     ax.text(3.65, 3.38, "⋮", ha="center", va="center", fontsize=16)
     ax.text(5.55, 3.38, "⋮", ha="center", va="center", fontsize=16)
-    ax.text(4.9, 5.9, r"E LoRA experts, $e_i = (\alpha/r)\, B_i A_i x$; $B_i = 0$ at step 0", ha="center", fontsize=9, style="italic")
+    ax.text(4.9, 5.9, r"E LoRA experts, $e_i = (\alpha/r)\, B_i A_i x$; $B_i = 0$ at step 0", ha="center",
+            fontsize=9, style="italic")
     router = box(ax, 3.0, 0.6, 3.2, 1.0, r"router $W_g$ (E × D_in)" "\nsoftmax → top-k → renormalise", ROUTER, 9)
 
     for target in [base["left"], *(a["left"] for a, _ in experts), router["left"]]:
         arrow(ax, x["right"], target)
 
-    gs = box(ax, 7.4, 2.3, 2.6, 3.35, "Gram–Schmidt\nover the active\nexperts, in index\norder\n\n" r"$q_1 \dots q_K$" "\northonormal\n" r"(+ ridge $\varepsilon$)",
-             METHOD, 10)
+    gs = box(ax, 7.4, 2.3, 2.6, 3.35, "Gram–Schmidt\nover the active\nexperts, in index\norder\n\n"
+             r"$q_1 \dots q_K$" "\northonormal\n" r"(+ ridge $\varepsilon$)", METHOD, 10)
     for i, (_, b) in enumerate(experts):
         label = ["$e_1$", "$e_2$", "$e_E$"][i]
         arrow(ax, b["right"], (gs["left"][0], b["right"][1]), label, offset=(0, 0.05))
@@ -76,8 +78,8 @@ def draw(path: Path = OUT) -> Path:
             r"$c = R^{-1} g$, $R^\top R$ = the Gram" "\nof the $e_i$, from rank space\n(notebook 3)",
             ha="center", va="center", fontsize=8.5, color="#38761d")
     ax.text(8.0, 7.75, r"One OMoE layer, for one token $x$:  $y = W_0 x + \sum_k g_k q_k$", ha="center", fontsize=13)
-    ax.text(0.2, 0.1, "grey: frozen · blue, orange: trained (experts, router) · green: OMoE's orthogonalisation and mix; "
-            "1 expert and no router is plain LoRA, no Gram–Schmidt is vanilla MoE-LoRA",
+    ax.text(0.2, 0.1, "grey: frozen · blue, orange: trained (experts, router) · green: OMoE's orthogonalisation "
+            "and mix; 1 expert and no router is plain LoRA, no Gram–Schmidt is vanilla MoE-LoRA",
             fontsize=8.5, color="#444444")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
