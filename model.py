@@ -131,10 +131,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every position seen so far, preallocated for the whole generation:
-    each new token then runs through the model alone, attending to the stored ones, instead of
-    re-running the sequence. It costs 2·n_layers·B·n_kv_heads·head_dim numbers per position
-    (LLaMA-7B in bf16: 0.5 MB per token per row)."""
+    """Keys and values of every position so far, preallocated for the whole generation, so that a
+    new token runs through the model alone instead of the whole sequence again. It costs
+    2·n_layers·B·n_kv_heads·head_dim numbers per position (LLaMA-7B in bf16: 0.5 MB per token)."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype, device):
         shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)  # (B, K, S_max, hd)
@@ -273,7 +272,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, tokens, attention_mask=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, eos_id: int | Iterable[int] | None = None,
-                 use_cache: bool = True, top_p: float = 1.0):
+                 use_cache: bool = True, top_p: float = 1.0, on_token=None):
         """Extend each row of tokens (B, T) by up to max_new_tokens -> (B, T + n).
 
         Greedy (argmax) at temperature 0, else sampling from softmax(logits / temperature), from the
@@ -282,7 +281,7 @@ class Transformer(nn.Module):
         real token. eos_id is one stop id or several (Llama-3 instruct ends a turn with any of
         three): a finished row repeats its stop id; generation ends once every row has one. With
         use_cache=False the whole sequence is re-run for each new token (same tokens, more work).
-        """
+        on_token(next_token (B,)) is called for each new token, to stream them."""
         B, T = tokens.shape
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         if not mask[:, -1].all():
@@ -306,6 +305,8 @@ class Transformer(nn.Module):
             if stop is not None:  # a finished row repeats its stop id
                 next_token = torch.where(done, tokens[:, -1], next_token)
                 done |= torch.isin(next_token, stop)
+            if on_token is not None:
+                on_token(next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, T + step)
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             if done.all():

@@ -275,30 +275,34 @@ def accuracies(results: dict) -> str:
     return ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items())
 
 
-def run_command(run, args) -> int:
+def run_command(run, args, prog: str = "train.py") -> int:
     """run(args) as a command: a refusal (BadInput) is one line and exit code 2, a failure that keeps
     what it had (RunFailed) one line and 1, Ctrl-C 130; anything else is a bug and shows its
     traceback. A process group that run() made is closed here."""
     code, ours = 1, not dist.is_initialized()
-    checkpoint = Path(args.out) / "checkpoint.pt"
+    checkpoint = Path(getattr(args, "out", "out")) / "checkpoint.pt"
+    if prog != "train.py":  # no run folder: nothing to say about checkpoints
+        checkpoint = None
     try:
         code = run(args)
         return code
     except BadInput as e:  # a flag, file or record that cannot be used: nothing was lost
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:  # a diverged loss, a file that could not be written
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = f"the last checkpoint written is {checkpoint}" if checkpoint.exists() else \
-            "no checkpoint was written"
-        print(f"train.py: interrupted; {kept}", file=sys.stderr)
+        kept = "" if checkpoint is None else f"; the last checkpoint written is {checkpoint}" \
+            if checkpoint.exists() else "; no checkpoint was written"
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         run_folder.quiet_stdout()
-        print(f"train.py: error: standard output was closed (its reader exited); stopped, the last "
-              f"checkpoint written is {run_folder.last_checkpoint(checkpoint)}", file=sys.stderr)
+        kept = "" if checkpoint is None else \
+            f"; the last checkpoint written is {run_folder.last_checkpoint(checkpoint)}"
+        print(f"{prog}: error: standard output was closed (its reader exited); stopped{kept}",
+              file=sys.stderr)
         return 1
     finally:
         parallel.teardown(code, ours)
