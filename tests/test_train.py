@@ -364,3 +364,30 @@ def test_diagnostics_count_each_token_once_under_gradient_checkpointing(tiny_mod
     plain, recompute = experts(tmp_path / "plain"), experts(tmp_path / "recompute")
     assert plain and [{k: v["tokens"] for k, v in s.items()} for s in plain] == \
         [{k: v["tokens"] for k, v in s.items()} for s in recompute]
+
+
+def test_a_log_window_across_an_interruption_averages_the_same_steps(tiny_model_dir, task_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Logging every 3 steps, stopped after step 4 and resumed: the entry of step 6 averages steps 4-6, as
+    the uninterrupted run's does, and the message names the step the checkpoint holds."""
+    common = ["--model", tiny_model_dir, "--data", task_dir, "--max-steps", 8, *QUICK, "--log-every", 3]
+    assert run(*common, "--out", tmp_path / "full") == 0
+    monkeypatch.setattr(run_folder, "Interrupt", StopAfter(4))
+    assert run(*common, "--out", tmp_path / "cut") == 130
+    assert f"stopped after step 4 (SIGINT); checkpoint saved to {tmp_path / 'cut' / 'checkpoint.pt'}, which " \
+           f"holds step 4" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 2
+
+
+def test_a_warmup_longer_than_the_run_is_scaled_and_said(tiny_model_dir, task_dir, tmp_path, capsys):
+    """With --model the paper's recipe warms up over 100 steps; a 5-step run warms up over one step and says
+    so, and reaches the learning rate asked for (the log says which rate each step ran at)."""
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", tmp_path, "--max-steps", 5, "--lr", "1e-3",
+               "--batch-size", 8, "--micro-batch-size", 4, "--rank", 4, "--eval-limit", 2, "--log-every", 1,
+               "--skip-base-eval") == 0
+    out = capsys.readouterr().out
+    assert "--warmup 100 is not shorter than the run's 5 steps: warming up over 1 (a tenth of them) instead" in out
+    rates = [e["lr"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in e]
+    assert max(rates) == pytest.approx(1e-3)
