@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import omoe
 from plumbing import peft_format
-from plumbing.checks import check_layer_args
+from plumbing.checks import check_layer_args, check_regular_file
 from plumbing.errors import BadInput
 from plumbing.weights import load_safetensors, save_safetensors
 
@@ -141,7 +141,7 @@ def read_adapter_config(directory) -> dict:
     """adapter_config.json, checked key by key -> the add_experts arguments, "base_model" (the path
     or hub id the adapters were trained on, or None) and "peft" (whether the files are PEFT's)."""
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"{path} not found: {directory} is not an adapter directory "
                        f"(save_adapters or PEFT)")
     config = _json(path)
@@ -182,6 +182,7 @@ def check_layout(path: Path, layout: dict) -> None:
 
 
 def _json(path: Path) -> dict:
+    check_regular_file(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,10 +1,26 @@
 """The checks behind omoe.py's layer and add_experts: every argument's type and range, and the layers
 that the targets name. The same checks read adapter_config.json (plumbing/adapters.py), so a file
 and a call are held to one rule. A failure is a ValueError naming the argument and its value.
+And the check every file the project reads goes through first: it must be a regular file.
 """
 import math
+import stat
+from pathlib import Path
 
 from torch import nn
+
+from plumbing.errors import BadInput
+
+
+def check_regular_file(path, error=BadInput) -> None:
+    """Reading a FIFO, a device or a socket where a file should be would wait forever, or for ever
+    more bytes: refuse it, naming it."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: not a regular file (a FIFO, device or socket cannot be read as one)")
 
 
 def _integer(v) -> bool:

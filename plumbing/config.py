@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from plumbing.checks import check_regular_file
 from plumbing.errors import BadInput
 
 # The parameters each RoPE scaling reads (model.rope_inv_freq says what they do).
@@ -35,8 +36,9 @@ def read_config(directory) -> dict:
     if not Path(directory).is_dir():
         raise BadInput(f"{directory}: no such directory (expected a Hugging Face model directory "
                        f"with config.json and model weights)")
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"{directory}: no config.json in this directory")
+    check_regular_file(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
         check(d)

@@ -11,10 +11,10 @@ Every refusal is a DataError, one line naming the file, the record and the field
 import json
 import random
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plumbing.checks import check_regular_file
 from plumbing.errors import BadInput
 
 
@@ -53,7 +53,7 @@ def read_records(path: Path, split: str = "train", task: str = "") -> list[Examp
     """One LLM-Adapters file (a JSON list of records) -> examples, or a DataError naming what is wrong."""
     if split not in REQUIRED:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    check_regular_file(path)
+    check_regular_file(path, DataError)
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -151,16 +151,6 @@ def hold_out(tasks: dict[str, list[Example]], fraction: float,
         kept[task] = [ex for i, ex in enumerate(examples) if i not in chosen]
         held[task] = [ex for i, ex in enumerate(examples) if i in chosen]
     return kept, held
-
-
-def check_regular_file(path) -> None:
-    """A data file must be a regular file: reading a FIFO or a device would wait forever."""
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a FIFO, device or socket cannot be data)")
 
 
 def _encodable(text: str) -> bool:

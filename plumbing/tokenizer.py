@@ -120,9 +120,14 @@ def _load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
 
 def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
     try:
-        return tokenizers.Tokenizer.from_file(str(path))
+        tk = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise TokenizerError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+    model = json.loads(tk.to_str()).get("model", {})
+    if model.get("type") in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
+        raise TokenizerError(f"{path}: its {model['type']} model's unknown token {model.get('unk_token')!r} is "
+                             f"not in its vocabulary, so a word outside it could not be encoded")
+    return tk
 
 
 def _special_tokens(directory: Path) -> dict:

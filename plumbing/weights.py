@@ -342,8 +342,14 @@ def find_weight_files(directory) -> list[Path]:
 
 def _read_index(path: Path) -> list[str]:
     """The shard file names of an index file ({"weight_map": {tensor name: shard file name}})."""
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        twice = sorted({k for k in names if names.count(k) > 1})
+        if twice:
+            raise CheckpointError(f"{path}: names {twice[0]!r} twice")
+        return dict(pairs)
     try:
-        weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates).get("weight_map")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a readable index file ({e})") from None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -434,7 +440,11 @@ class WeightReader:
             raise
 
     def copy_into(self, name, out: torch.Tensor, start: int = 0) -> None:
+        """Copy, then check: a NaN or infinity in the base would make every output meaningless."""
         self._owner[self._known(name)].copy_into(name, out, start)
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise CheckpointError(f"{self.path_of(name)}: tensor {name!r} holds NaN or infinity; a base "
+                                  f"model's weights must be finite")
 
     def path_of(self, name) -> Path:
         """The file that holds tensor `name`."""
@@ -469,8 +479,15 @@ def checkpoint_names(ours: dict, reader, path, tied: bool) -> list[tuple[str, st
     tensor is an error naming it, before anything is copied, never a partial load."""
     # Our name -> the checkpoint's name: the whole key map. RoPE frequencies, which some
     # older checkpoints store, are derived, not loaded.
-    file_name = {name.removeprefix("model."): name for name in reader.shapes
-                 if not name.endswith("rotary_emb.inv_freq")}
+    file_name = {}
+    for name in reader.shapes:
+        ours_name = name.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if ours_name in file_name:  # "model.x" and "x": which one is the weight?
+            raise CheckpointError(f"{path}: tensors {file_name[ours_name]!r} and {name!r} are two names for "
+                                  f"one weight ({ours_name!r})")
+        file_name[ours_name] = name
     # A tied lm_head is embed_tokens itself; a copy in the file is redundant.
     needed = [n for n in ours if not (tied and n == "lm_head.weight")]
     missing = [n if n.startswith("lm_head.") else "model." + n for n in needed if n not in file_name]
