@@ -89,10 +89,24 @@ RELATIVE_COST = {"LoRA r=16": 1.0, MATCHED: 1.05, "normalised LoRA (1 expert)": 
 STAGE_COST = {"sweep": 1.0, "alpha": 1.0, "retest": 0.45, "final": 1.0 + 0.25 + 0.17 * 4}
 
 
+SWITCH = "--switch-at"  # a method run by benchmarks/switch_run.py, which changes orth after some steps
+
+
+def train_flags(flags: list[str]) -> list[str]:
+    """A method's flags that train.py knows (switch_run.py's own taken out)."""
+    out, skip = [], 0
+    for flag in flags:
+        if skip or flag in (SWITCH, "--switch-to"):
+            skip = 0 if skip else 1
+            continue
+        out.append(flag)
+    return out
+
+
 def trainable_parameters(flags: list[str]) -> int:
     """Trainable parameters of the embedded model with a method's adapters (built on the meta device)."""
     import train
-    _, args = train.parse_args(flags)
+    _, args = train.parse_args(train_flags(flags))
     config = json.loads((Path(EMBEDDED["model"]) / "config.json").read_text())
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(config))
@@ -105,7 +119,7 @@ def normalises(flags: list[str]) -> bool:
     """Whether a method's experts' outputs are scaled to unit length (orthonormal or normalized), as its layers
     are built: one expert keeps no Gram-Schmidt unless --orth normalized."""
     import train
-    _, args = train.parse_args(flags)
+    _, args = train.parse_args(train_flags(flags))
     layer = omoe.OMoELinear(torch.nn.Linear(4, 4, device="meta"), experts=args.experts, top_k=args.top_k,
                             rank=1, alpha=1.0, orth=args.orth)
     return layer.orth in ("orthonormal", "normalized")
@@ -304,7 +318,8 @@ class Study:
             flags = [f for f in self.flags(sweep) if f != "--skip-test-eval"]
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished run's leftovers
         folder.mkdir(parents=True)
-        command = [sys.executable, str(ROOT / "train.py"), *flags, "--out", str(folder)]
+        script = ROOT / ("benchmarks/switch_run.py" if SWITCH in flags else "train.py")
+        command = [sys.executable, str(script), *flags, "--out", str(folder)]
         self.log(f"start {run.method}: {run.name}")
         start = time.time()
         with open(folder / "stdout.txt", "w") as stdout:

@@ -35,6 +35,16 @@ METHODS = ("LoRA r=16", "normalised LoRA (1 expert)", "vanilla MoE-LoRA soft-2",
 LENGTHS = (3, 1)  # epochs; the longer first: its runs take longest
 EVAL_EVERY = 24
 OUT = ROOT / "study" / "length"
+# The control (benchmarks/switch_run.py): a pair of methods that differ in normalisation alone, each
+# switched to the other's orth after SWITCH_AT steps of the 3-epoch runs, at its own method's 3-epoch
+# pick, 5 seeds on the test. name -> (the method it starts as, its flags).
+SWITCH_AT = 48
+CONTROLS = {
+    f"normalised only, 2 experts, then none from step {SWITCH_AT}":
+        ("normalised only, 2 experts", ["--switch-at", str(SWITCH_AT), "--switch-to", "none"]),
+    f"vanilla MoE-LoRA soft-2, then normalised from step {SWITCH_AT}":
+        ("vanilla MoE-LoRA soft-2", ["--switch-at", str(SWITCH_AT), "--switch-to", "normalized"]),
+}
 
 
 def one_epoch_picks() -> dict[str, str]:
@@ -61,6 +71,23 @@ def arm(epochs: int, log=print) -> study.Study:
     return study.Study(OUT / f"{epochs}-epoch{'s' if epochs > 1 else ''}", settings(epochs), log)
 
 
+def controls(log=print) -> tuple[study.Study, list]:
+    """The control's study and runs: at each starting method's 3-epoch pick (its sweep must be done)."""
+    three = arm(3, log)
+    picks = {}
+    for name, (parent, _) in CONTROLS.items():
+        sweep = three.sweep(parent)
+        if sweep is None:
+            raise SystemExit(f"study_length.py: the controls wait for {parent!r}'s 3-epoch sweep")
+        picks[name] = study.pick_lr(sweep)
+    flags = study.methods()
+    s = study.Settings({name: flags[parent] + extra for name, (parent, extra) in CONTROLS.items()},
+                       lrs={name: (picks[name],) for name in CONTROLS}, sweep_seeds=(), alpha_methods=(),
+                       eval_every=EVAL_EVERY, train_flags=["--epochs", "3"])
+    runs = [study.Run(name, "final", seed, picks[name]) for name in CONTROLS for seed in s.final_seeds]
+    return study.Study(OUT / "controls", s, log), runs
+
+
 def estimate_seconds(run: study.Run, epochs: int) -> float:
     """A run's CPU seconds, from the one-epoch study's measured sweep runs (training ~80% of such a run,
     a validation pass ~8% of it) scaled to this length and its evaluations."""
@@ -79,11 +106,22 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     p.add_argument("--report", action="store_true", help="rewrite the reports from the records, run nothing")
+    p.add_argument("--controls", action="store_true", help=f"run the control instead: {', '.join(CONTROLS)}")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
+    if args.controls:
+        control, runs = controls(log)
+        if args.plan:
+            for run in runs:
+                print(f"{'done' if control.record(run) else 'to run':<7} {run.method:<60} {run.name}")
+            return
+        if not args.report:
+            study.run_all([(control, r) for r in runs], args.jobs, lambda: None, log)
+        log(f"{sum(control.record(r) is not None for r in runs)} of {len(runs)} control runs recorded")
+        return
     arms = {e: arm(e, log) for e in args.epochs}
     # Method by method, each length's runs side by side: a method's results arrive together.
     runs = [(a, r) for m in METHODS for e, a in arms.items() for r in study.plan(a.s) if r.method == m]
