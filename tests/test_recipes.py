@@ -1,7 +1,11 @@
-"""The paper-scale recipes of the README: each one's trainable share of LLaMA-2-7B, computed from train.py's
-own flags on a model built on the meta device (no weights, no memory), beside the published share, and the
-README's table holding exactly these numbers."""
+"""The recipes the documentation gives. The paper-scale ones (study/README.md): each one's trainable share of
+LLaMA-2-7B, computed from train.py's own flags on a model built on the meta device (no weights, no memory),
+beside the published share, and the table holding exactly these numbers. The laptop recipe
+(docs/real-models.md): run as written on a tiny model, it trains at the learning rate it names."""
 
+import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,8 @@ import omoe
 import train
 from model import ModelArgs, Transformer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "study" / "README.md"  # where the paper-scale comparison is described
 
 # name -> (train.py flags, trainable % as published by CoMoE for LLaMA-2-7B)
 RECIPES = {
@@ -53,3 +58,21 @@ def test_default_paper_recipes_for_comparison():
     """The shares of `--lora` (r=16) and `--experts 2` on all seven projections that the README quotes."""
     assert f"{trainable_percent('--lora'):.2f}" == "0.59"
     assert f"{trainable_percent('--experts 2'):.2f}" == "1.21"
+
+
+def test_the_laptop_recipe_trains_at_the_rate_it_names(tiny_model_dir, task_dir, tmp_path):
+    """docs/real-models.md's CPU recipe for a downloaded model, run as written on the tiny model and tasks:
+    its warm-up ends within the run, and the log's rates reach the --lr it gives (a recipe whose warm-up
+    outlasted the run would train below it, silently)."""
+    text = (ROOT / "docs" / "real-models.md").read_text()
+    command = re.search(r"```bash\n(python train.py --model HuggingFaceTB/SmolLM2-135M.*?)```", text, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " "))[2:]
+    paths = {"HuggingFaceTB/SmolLM2-135M": tiny_model_dir,
+             "/path/to/LLM-Adapters/dataset/ARC-Easy/train.json": task_dir / "alpha" / "train.json",
+             "/path/to/LLM-Adapters/dataset/ARC-Easy": task_dir / "alpha"}
+    argv = [str(paths.get(a, a)) for a in argv] + ["--out", str(tmp_path / "out"), "--skip-base-eval"]
+    assert train.main(argv) == 0
+    lr = float(argv[argv.index("--lr") + 1])
+    rates = [e["lr"] for e in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines()) if "lr" in e]
+    assert max(rates) == pytest.approx(lr) and rates[0] == pytest.approx(lr)  # warm-up over by the first log
+    assert rates == sorted(rates, reverse=True)  # then it decays
