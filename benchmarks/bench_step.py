@@ -10,9 +10,11 @@ alike; the median over rounds after a warm-up round is reported, as a ratio to L
 
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py --gram-checkpoint-min 1000000000   # never recompute the Gram
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py --study   # the length study's methods: study/step_times.json
 """
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -31,6 +33,15 @@ METHODS = {"LoRA": dict(experts=1), "vanilla MoE-LoRA, 2 soft": dict(experts=2, 
            "OMoE, top-2 of 8": dict(experts=8, top_k=2)}
 
 
+# The length study's methods (benchmarks/study_length.py), as train.py builds them with their flags.
+STUDY_METHODS = {"LoRA r=16": dict(experts=1, rank=16, alpha=32),
+                 "normalised LoRA (1 expert)": dict(experts=1, rank=8, alpha=16, orth="normalized"),
+                 "vanilla MoE-LoRA soft-2": dict(experts=2, rank=8, alpha=16, orth="none"),
+                 "OMoE-2 orthonormal": dict(experts=2, rank=8, alpha=16),
+                 "normalised only, 2 experts": dict(experts=2, rank=8, alpha=16, orth="normalized"),
+                 "OMoE-2 orthogonal": dict(experts=2, rank=8, alpha=16, orth="orthogonal")}
+
+
 def saved_bytes(fn) -> int:
     storages = {}
 
@@ -47,6 +58,8 @@ def saved_bytes(fn) -> int:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median reported)")
+    p.add_argument("--study", action="store_true", help="the length study's methods instead (their own ranks and "
+                   "alphas), and their seconds per step written to study/step_times.json for its report")
     p.add_argument("--gram-checkpoint-min", type=int, default=None,
                    help=f"override omoe.GRAM_CHECKPOINT_MIN (now {omoe.GRAM_CHECKPOINT_MIN})")
     args = p.parse_args()
@@ -61,9 +74,10 @@ def main():
                for r in range(args.rounds + 1)]
     base = Transformer.from_pretrained(ROOT / "assets" / "tiny-llama")
     runs = {}
-    for name, kw in METHODS.items():
+    methods = STUDY_METHODS if args.study else {name: dict(rank=8, alpha=16, **kw) for name, kw in METHODS.items()}
+    for name, kw in methods.items():
         torch.manual_seed(0)
-        model = omoe.add_experts(copy.deepcopy(base), rank=8, alpha=16, dropout=0.0, **kw)
+        model = omoe.add_experts(copy.deepcopy(base), dropout=0.0, **kw)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=2e-3)
         runs[name] = (model, opt)
 
@@ -82,7 +96,7 @@ def main():
             opt.zero_grad(set_to_none=True)
             if r:
                 times[name].append(time.perf_counter() - t0)
-    lora = statistics.median(times["LoRA"])
+    lora = statistics.median(times[next(iter(runs))])
     print(f"embedded tiny LLaMA, batch 16, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds, "
           f"GRAM_CHECKPOINT_MIN {omoe.GRAM_CHECKPOINT_MIN}")
     print("| method | step ms | step / LoRA | saved MiB |")
@@ -92,6 +106,10 @@ def main():
         saved = saved_bytes(lambda: loss_of(model, batches[0])) / 2**20
         model.zero_grad(set_to_none=True)
         print(f"| {name} | {1000 * t:.1f} | {t / lora:.2f} | {saved:.1f} |", flush=True)
+    if args.study:
+        path = ROOT / "study" / "step_times.json"
+        path.write_text(json.dumps({name: statistics.median(times[name]) for name in runs}, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
