@@ -148,3 +148,75 @@ def test_the_figure_splits_methods_by_whether_their_layers_normalise(study):
                           "OMoE-4 soft", "OMoE-8 soft", "OMoE top-2 of 8"}
     assert not study.normalises(["--lora"])  # plain LoRA
     assert study.normalises(["--lora", "--orth", "orthonormal"])  # Gram–Schmidt of one vector: normalised
+
+
+def test_a_pick_at_the_edge_of_a_sweep_extends_it_one_step(study, tmp_path):
+    """Settings.extend: a pick at the smallest (or largest) rate swept adds the next rate of GRID; a pick
+    inside adds nothing (NO_RUN), and the final runs wait for the extension."""
+    assert study.extension({"1e-3": [0.6], "2e-3": [0.5], "5e-3": [0.4]}) == "5e-4"
+    assert study.extension({"1e-3": [0.4], "2e-3": [0.5], "5e-3": [0.6]}) == "1e-2"
+    assert study.extension({"1e-3": [0.4], "2e-3": [0.7], "5e-3": [0.6]}) is None
+    assert study.extension({"5e-2": [0.9], "2e-2": [0.1]}) is None  # the end of the grid
+    s = study.Settings({"A": ["--lora"]}, lrs={"A": ("1e-3", "2e-3")}, sweep_seeds=(0,), final_seeds=(0, 1),
+                       alpha_methods=(), extend=True, sweep_curves=True, eval_every=20)
+    st, runs = study.Study(tmp_path, s), study.plan(s)
+    extension = next(r for r in runs if r.stage == "sweep" and r.lr is None)
+    fake = lambda run, val: fake_record_with(study, st, run, val)  # noqa: E731
+    fake(study.Run("A", "sweep", 0, "1e-3"), 0.8)
+    assert st.resolve(extension) is None  # the sweep is not done
+    fake(study.Run("A", "sweep", 0, "2e-3"), 0.6)
+    assert st.resolve(extension).lr == "5e-4" and st.resolve(study.Run("A", "final", 1, None)) is None
+    assert st.flags(st.resolve(extension))[-2:] == ["--eval-every", "20"]  # curves on the sweep too
+    fake(study.Run("A", "sweep", 0, "5e-4"), 0.7)
+    assert st.resolve(study.Run("A", "final", 1, None)).lr == "1e-3"  # picked over all three rates
+    assert st.resolve(extension).lr == "5e-4"
+
+
+def fake_record_with(study, st, run, val):
+    path = st.record_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"method": run.method, "stage": run.stage, "seed": run.seed, "lr": run.lr,
+                                "alpha_factor": 1.0, "flags": st.flags(run), "val": {"t": val}}))
+
+
+def test_switch_flags_are_not_train_py_flags(study):
+    flags = ["--experts", "2", "--orth", "normalized", "--switch-at", "48", "--switch-to", "none"]
+    assert study.train_flags(flags) == ["--experts", "2", "--orth", "normalized"]
+    assert study.trainable_parameters(flags) == study.trainable_parameters(["--experts", "2"])
+
+
+def test_the_switch_keeps_each_experts_mean_output_length(tiny_model_dir):
+    """benchmarks/switch_run.py, normalised -> plain: each expert's B is divided by its mean normalising
+    denominator, so that the plain outputs are as long on average as the normalised ones were (1), and
+    AdamW's moments of B follow."""
+    import torch
+
+    import omoe
+    from model import Transformer
+    sys.path.insert(0, str(BENCHMARKS))
+    import switch_run
+    torch.manual_seed(0)
+    model = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), experts=2, rank=4, orth="normalized")
+    layers = [m for m in model.modules() if isinstance(m, omoe.OMoELinear)]
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_(std=5.0)  # outputs far above the ridge: the normalised ones are 1 long
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    for m in layers:
+        optimizer.state[m.lora_B] = {"exp_avg": torch.ones_like(m.lora_B), "exp_avg_sq": torch.ones_like(m.lora_B)}
+    tokens, mask = torch.randint(3, 300, (4, 12)), torch.ones(4, 12, dtype=torch.long)
+    inputs = {}  # each layer's input before the switch (after it, earlier layers change later ones' inputs)
+    def keep(m, args, out):  # returns None: the output is left as it is
+        inputs.setdefault(m, args[0].reshape(-1, args[0].shape[-1]))
+    hooks = [m.register_forward_hook(keep) for m in layers]
+    lengths = switch_run.denominators(model, tokens, mask)
+    switch_run.switch(model, optimizer, "none", tokens, mask)
+    with torch.no_grad():
+        for m in layers:
+            assert m.orth == "none"
+            h = torch.einsum("nd,erd->ner", inputs[m], m.lora_A)
+            mean_length = omoe._expert_sq_lengths(h, m.lora_B, m.scaling).sqrt().mean(0)   # (E,)
+            torch.testing.assert_close(mean_length, torch.ones(2), atol=2e-3, rtol=0)
+            torch.testing.assert_close(optimizer.state[m.lora_B]["exp_avg_sq"][:, 0, 0], lengths[m] ** -2)
+    for h in hooks:
+        h.remove()
