@@ -196,7 +196,8 @@ def test_the_switch_keeps_each_experts_mean_output_length(tiny_model_dir):
     sys.path.insert(0, str(BENCHMARKS))
     import switch_run
     torch.manual_seed(0)
-    model = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), experts=2, rank=4, orth="normalized")
+    model = omoe.add_experts(Transformer.from_pretrained(tiny_model_dir), experts=2, rank=4, dropout=0.0,
+                             orth="normalized")
     layers = [m for m in model.modules() if isinstance(m, omoe.OMoELinear)]
     with torch.no_grad():
         for m in layers:
