@@ -3,6 +3,7 @@ test_parallel.py)."""
 
 import functools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -391,3 +392,37 @@ def test_a_warmup_longer_than_the_run_is_scaled_and_said(tiny_model_dir, task_di
     assert "--warmup 100 is not shorter than the run's 5 steps: warming up over 1 (a tenth of them) instead" in out
     rates = [e["lr"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in e]
     assert max(rates) == pytest.approx(1e-3)
+
+
+def test_an_evaluation_goes_beside_the_run_and_touches_none_of_its_files(tiny_model_dir, task_dir, tmp_path, capsys):
+    """--eval-only into the run's own folder (as `python train.py --eval-only --adapter out/adapter` does after
+    the Quick start): no --overwrite needed, its results in eval-<data>.json, every file of the run as it was;
+    the same evaluation again is refused unless --overwrite, which replaces that file alone."""
+    out = tmp_path / "out"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 2, *QUICK) == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".omoe-files"}
+    evaluate = ["--model", tiny_model_dir, "--data", task_dir, "--eval-only", "--adapter", out / "adapter",
+                "--out", out, "--eval-limit", 4]
+    assert run(*evaluate) == 0
+    assert {p: p.read_bytes() for p in files} == files
+    assert "eval-tasks.json" in json.loads((out / ".omoe-files").read_text())  # the folder's list of its files
+    results = json.loads((out / "eval-tasks.json").read_text())
+    assert results["average"]["after"] == pytest.approx(
+        sum(r["accuracy"] for r in results["after"].values()) / len(results["after"]))
+    assert f"results: {out / 'eval-tasks.json'}" in capsys.readouterr().out
+    assert run(*evaluate) == 2 and "--overwrite (that file only)" in capsys.readouterr().err
+    assert run(*evaluate, "--overwrite") == 0 and {p: p.read_bytes() for p in files} == files
+
+
+def test_a_tokenizer_outside_the_model_folder(tiny_model_dir, task_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "tok").mkdir()
+    shutil.move(model / "tokenizer.model", tmp_path / "tok" / "tokenizer.model")
+    common = ["--model", model, "--data", task_dir, "--max-steps", 1, *QUICK]
+    assert run(*common, "--out", tmp_path / "a") == 2  # no tokenizer in the model's folder
+    assert "tokenizer not found" in capsys.readouterr().err
+    assert run(*common, "--out", tmp_path / "b", "--tokenizer", tmp_path / "tok" / "tokenizer.model") == 0
+    assert run(*common, "--out", tmp_path / "c", "--tokenizer", tmp_path / "tok") == 0  # or its folder
+    assert run(*common, "--out", tmp_path / "d", "--tokenizer", tmp_path / "none") == 2
+    assert capsys.readouterr().err.endswith(f"--tokenizer {tmp_path / 'none'}: no such file or directory\n")
