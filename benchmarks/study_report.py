@@ -161,6 +161,11 @@ def markdown(summary: dict, s) -> str:
         if m["sweep_run_seconds"]:
             lines.append(f"| {name} | {statistics.mean(m['sweep_run_seconds']):.0f} | "
                          f"{statistics.mean(m['sweep_run_cpu_seconds']):.0f} |")
+    known = [e for e in summary.get("environments", []) if e != "null"]
+    lines += ["", "### What the records were computed with", ""]
+    lines += [f"- `{e}`" for e in known]
+    if "null" in summary.get("environments", []):
+        lines.append("- not recorded for the records made before each record named its torch release and processor")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +212,7 @@ def write(out: Path, s, runner=None) -> dict:
     rs = records(out)
     summary = {"settings": {k: v for k, v in vars(s).items() if k != "methods"}, "flags": s.methods,
                "baselines": baselines(rs),
+               "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs}),
                "methods": {m: summarise(m, [r for r in rs if r["method"] == m], s) for m in s.methods}}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
