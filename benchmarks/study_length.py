@@ -35,6 +35,10 @@ METHODS = ("LoRA r=16", "normalised LoRA (1 expert)", "vanilla MoE-LoRA soft-2",
 LENGTHS = (3, 1)  # epochs; the longer first: its runs take longest
 EVAL_EVERY = 24
 OUT = ROOT / "study" / "length"
+# The longer arm: where validation still climbs at the end of 3 epochs, 6 epochs at the 3-epoch pick
+# (no sweep of its own), 5 seeds, validation every LONG_EVAL_EVERY steps.
+LONG, LONG_EVAL_EVERY = 6, 48
+LONG_METHODS = ("LoRA r=16", "vanilla MoE-LoRA soft-2", "OMoE-2 orthonormal", "normalised only, 2 experts")
 # The control (benchmarks/switch_run.py): a pair of methods that differ in normalisation alone, each
 # switched to the other's orth after SWITCH_AT steps of the 3-epoch runs, at its own method's 3-epoch
 # pick, 5 seeds on the test. name -> (the method it starts as, its flags).
@@ -71,15 +75,31 @@ def arm(epochs: int, log=print) -> study.Study:
     return study.Study(OUT / f"{epochs}-epoch{'s' if epochs > 1 else ''}", settings(epochs), log)
 
 
+def picks_at_three(methods: list[str]) -> dict[str, str]:
+    three = arm(3)
+    picks = {}
+    for m in methods:
+        sweep = three.sweep(m)
+        if sweep is None:
+            raise SystemExit(f"study_length.py: this waits for {m!r}'s 3-epoch sweep")
+        picks[m] = study.pick_lr(sweep)
+    return picks
+
+
+def long_arm(log=print) -> tuple[study.Study, list]:
+    """The longer arm's study and runs, each method at its 3-epoch pick."""
+    picks, flags = picks_at_three(list(LONG_METHODS)), study.methods()
+    s = study.Settings({m: flags[m] for m in LONG_METHODS}, lrs={m: (picks[m],) for m in LONG_METHODS},
+                       sweep_seeds=(), alpha_methods=(), eval_every=LONG_EVAL_EVERY,
+                       train_flags=["--epochs", str(LONG)])
+    runs = [study.Run(m, "final", seed, picks[m]) for m in LONG_METHODS for seed in s.final_seeds]
+    return study.Study(OUT / f"{LONG}-epochs", s, log), runs
+
+
 def controls(log=print) -> tuple[study.Study, list]:
     """The control's study and runs: at each starting method's 3-epoch pick (its sweep must be done)."""
-    three = arm(3, log)
-    picks = {}
-    for name, (parent, _) in CONTROLS.items():
-        sweep = three.sweep(parent)
-        if sweep is None:
-            raise SystemExit(f"study_length.py: the controls wait for {parent!r}'s 3-epoch sweep")
-        picks[name] = study.pick_lr(sweep)
+    parents = picks_at_three([parent for parent, _ in CONTROLS.values()])
+    picks = {name: parents[parent] for name, (parent, _) in CONTROLS.items()}
     flags = study.methods()
     s = study.Settings({name: flags[parent] + extra for name, (parent, extra) in CONTROLS.items()},
                        lrs={name: (picks[name],) for name in CONTROLS}, sweep_seeds=(), alpha_methods=(),
@@ -106,21 +126,23 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
     p.add_argument("--report", action="store_true", help="rewrite the reports from the records, run nothing")
-    p.add_argument("--controls", action="store_true", help=f"run the control instead: {', '.join(CONTROLS)}")
+    p.add_argument("--controls", action="store_true", help="run the control and the longer arm instead: "
+                   f"{', '.join(CONTROLS)}; {LONG} epochs of {', '.join(LONG_METHODS)}")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
     if args.controls:
-        control, runs = controls(log)
+        (control, runs), (longer, long_runs) = controls(log), long_arm(log)
+        pairs = [(control, r) for r in runs] + [(longer, r) for r in long_runs]
         if args.plan:
-            for run in runs:
-                print(f"{'done' if control.record(run) else 'to run':<7} {run.method:<60} {run.name}")
+            for st, run in pairs:
+                print(f"{'done' if st.record(run) else 'to run':<7} {run.method:<60} {run.name}")
             return
         if not args.report:
-            study.run_all([(control, r) for r in runs], args.jobs, lambda: None, log)
-        log(f"{sum(control.record(r) is not None for r in runs)} of {len(runs)} control runs recorded")
+            study.run_all(pairs, args.jobs, lambda: None, log)
+        log(f"{sum(st.record(r) is not None for st, r in pairs)} of {len(pairs)} runs recorded")
         return
     arms = {e: arm(e, log) for e in args.epochs}
     # Method by method, each length's runs side by side: a method's results arrive together.

@@ -115,11 +115,26 @@ def control_summaries() -> dict:
     return found
 
 
+def long_summaries() -> dict:
+    """The longer arm's runs, per method (at the 3-epoch pick): tests, curves."""
+    out = OUT / f"{study_length.LONG}-epochs"
+    rs = study_report.records(out) if (out / "runs").is_dir() else []
+    found = {}
+    for m in study_length.LONG_METHODS:
+        mine = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
+        found[m] = {"picked_lr": mine[0]["lr"] if mine else None,
+                    "test": [study.average(r["test"]) for r in mine if r["test"]],
+                    "curves": {r["seed"]: r["val_curve"] for r in mine if r["val_curve"]},
+                    "train_loss": [r["train_loss"] for r in mine],
+                    "environment": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in mine})}
+    return found
+
+
 def step_times() -> dict:
     return json.loads(STEP_TIMES.read_text()) if STEP_TIMES.is_file() else {}
 
 
-def markdown(by_length: dict, controls: dict, majority: dict) -> str:
+def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> str:
     mean_majority = statistics.mean(share for _, share in majority.values())
     ref = study.REFERENCE
     lines = ["### Test average at each method's rate, picked on validation at each length (5 seeds, mean ± std)", "",
@@ -133,6 +148,14 @@ def markdown(by_length: dict, controls: dict, majority: dict) -> str:
             cells += [lr, fmt(s["test"]), "—" if m == ref else verdict(s["test"], by_length[e][ref]["test"])]
         cells.append(verdict(three["test"], one["test"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(c["test"] for c in longer.values()):
+        n = study_length.LONG
+        lines += ["", f"### {n} epochs, where validation still climbed at the end of 3 (at the 3-epoch pick, 5 seeds)",
+                  "", f"| method | lr | {n} epochs: test | vs OMoE-2 | {n} epochs vs 3 |", "|---|---|---|---|---|"]
+        for m, c in longer.items():
+            lines.append(f"| {m} | {c['picked_lr']} | {fmt(c['test'])} | "
+                         f"{'—' if m == ref else verdict(c['test'], longer.get(ref, {}).get('test', []))} | "
+                         f"{verdict(c['test'], by_length[3][m]['test'])} |")
     test = study_report.baselines(study_report.records(study_length.arm(3).out))["test"]
     lines += ["", f"On the test the majority label scores {study.average(test['majority']):.3f} and chance "
               f"{study.average(test['chance']):.3f}; on validation the majority label {mean_majority:.3f}. The "
@@ -146,11 +169,12 @@ def markdown(by_length: dict, controls: dict, majority: dict) -> str:
                             three["picked_lr"] or "?", "--epochs 3"])
         lines.append(f"| {m} | {rng[0]} | {rng[1]} | `{command}` |")
     lines += ["", "### Validation accuracy at equal steps (mean over the 5 seeds at the pick)", "",
-              "| method | 1 epoch, step 120 (its end) | 3 epochs, step 120 | 3 epochs, step 240 | 3 epochs, step 360 |",
-              "|---|---|---|---|---|"]
+              "| method | 1 epoch, step 120 (its end) | 3 epochs, step 120 | 3 epochs, step 240 | 3 epochs, step 360 | "
+              f"{study_length.LONG} epochs, step {120 * study_length.LONG} |", "|---|---|---|---|---|---|"]
     for m in study_length.METHODS:
         one, three = by_length[1][m], by_length[3][m]
         cells = [mean_at(one, 120)] + [mean_at(three, s) for s in (120, 240, 360)]
+        cells.append(mean_at(longer[m], 720) if m in longer and longer[m]["curves"] else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     times = step_times()
     if times:
@@ -197,7 +221,7 @@ def markdown(by_length: dict, controls: dict, majority: dict) -> str:
                        for x in (parent, other)]
             lines.append(f"| {name} | {c['lr']} | {fmt(c['test'])} | {len(c['test'])} | {against[0]} | {against[1]} | "
                          + ", ".join("never" if x is None else str(x) for x in leaves) + " |")
-    environments = sorted({e for by in by_length.values() for s in by.values() for e in s["environment"]})
+    environments = sorted({e for by in [*by_length.values(), longer] for s in by.values() for e in s["environment"]})
     lines += ["", "### What the records were computed with", ""] + [f"- `{e}`" for e in environments]
     return "\n".join(lines) + "\n"
 
@@ -207,7 +231,7 @@ def mean_at(s: dict, step: int) -> str:
     return f"{statistics.mean(values):.3f}" if values else "—"
 
 
-def figure(by_length: dict, controls: dict, majority: dict, path: Path) -> None:
+def figure(by_length: dict, controls: dict, majority: dict, longer: dict, path: Path) -> None:
     """Validation against the step, one panel per method: each length's mean over seeds and the band of its
     lowest and highest seed; the controls dashed in the panel of the method they start as."""
     try:
@@ -219,8 +243,11 @@ def figure(by_length: dict, controls: dict, majority: dict, path: Path) -> None:
     mean_majority = statistics.mean(share for _, share in majority.values())
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True, sharey=True)
     for ax, m in zip(axes.flat, study_length.METHODS):
-        for e, color in ((1, "tab:orange"), (3, "tab:blue")):
-            curves = list(by_length[e][m]["curves"].values())
+        arms = [(1, "tab:orange", by_length[1][m]), (3, "tab:blue", by_length[3][m])]
+        if m in longer and longer[m]["curves"]:
+            arms.append((study_length.LONG, "tab:green", longer[m]))
+        for e, color, summary in arms:
+            curves = list(summary["curves"].values())
             if not curves:
                 continue
             steps = [p[0] for p in curves[0]]
@@ -229,7 +256,7 @@ def figure(by_length: dict, controls: dict, majority: dict, path: Path) -> None:
             ax.fill_between(steps, [min(r[i] for r in rows) for i in range(len(steps))],
                             [max(r[i] for r in rows) for i in range(len(steps))], color=color, alpha=0.2)
             ax.plot(steps, mean, color=color, marker="o", ms=3,
-                    label=f"{e} epoch{'s' if e > 1 else ''} (lr {by_length[e][m]['picked_lr']})")
+                    label=f"{e} epoch{'s' if e > 1 else ''} (lr {summary['picked_lr']})")
         for name, c in controls.items():
             if c["parent"] == m and c["curves"]:
                 curves = list(c["curves"].values())
@@ -253,16 +280,16 @@ def figure(by_length: dict, controls: dict, majority: dict, path: Path) -> None:
 
 
 def write() -> dict:
-    by_length, controls, majority = summaries(), control_summaries(), val_majority()
+    by_length, controls, majority, longer = summaries(), control_summaries(), val_majority(), long_summaries()
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {"lengths": {e: {m: {k: v for k, v in s.items() if k not in ("answer_curves",)}
                                for m, s in by.items()} for e, by in by_length.items()},
-               "controls": controls, "val_majority": majority, "step_times": step_times()}
+               "controls": controls, "longer": longer, "val_majority": majority, "step_times": step_times()}
     tmp = OUT / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(OUT / "results.json")
-    (OUT / "results.md").write_text(markdown(by_length, controls, majority))
-    figure(by_length, controls, majority, OUT / "curves.png")
+    (OUT / "results.md").write_text(markdown(by_length, controls, majority, longer))
+    figure(by_length, controls, majority, longer, OUT / "curves.png")
     return summary
 
 
