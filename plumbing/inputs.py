@@ -146,7 +146,8 @@ def load_inputs(args, env: Env) -> Inputs:
                   model_dir / "config.json")
     results = env.out / "results.json"
     if args.eval_only:
-        results = env.out / f"eval-{Path(eval_path).stem}.json"
+        where = Path(eval_path)  # named as data.load_tasks names a task: dataset/ARC-Easy/test.json -> ARC-Easy
+        results = env.out / f"eval-{where.parent.name if where.stem in ('train', 'val', 'test') else where.stem}.json"
         if results.exists() and not args.overwrite:
             raise BadInput(f"--out {env.out} holds {results.name} from an earlier evaluation: replace "
                            f"it with --overwrite (that file only), or choose another --out")
