@@ -47,6 +47,7 @@ def method_summary(arm: study.Study, method: str) -> dict:
     s["curves"] = {r["seed"]: r["val_curve"] for r in runs}
     s["answer_curves"] = {r["seed"]: r["answers"]["val_curve"] for r in runs}
     s["environment"] = sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs})
+    s["final_cpu_seconds"] = [r["cpu_seconds"] for r in rs if r["stage"] == "final"]
     s["method"], s["flags"] = method, arm.s.methods[method]
     return s
 
@@ -235,6 +236,13 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
                        for x in (parent, other)]
             lines.append(f"| {name} | {c['lr']} | {fmt(c['test'])} | {len(c['test'])} | {against[0]} | {against[1]} | "
                          + ", ".join("never" if x is None else str(x) for x in leaves) + " |")
+    lines += ["", "### Time per run (CPU seconds of one thread, the mean of the new final runs, which also evaluate "
+              "validation every 24 steps: an upper bound for the same command without --eval-every)", "",
+              "| method | 1 epoch | 3 epochs |", "|---|---|---|"]
+    for m in study_length.METHODS:
+        cells = [f"{statistics.mean(x):.0f}" if x else "—" for x in (by_length[e][m]["final_cpu_seconds"]
+                                                                     for e in (1, 3))]
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
     environments = sorted({e for by in [*by_length.values(), longer] for s in by.values() for e in s["environment"]})
     lines += ["", "### What the records were computed with", ""] + [f"- `{e}`" for e in environments]
     return "\n".join(lines) + "\n"
