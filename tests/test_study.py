@@ -221,3 +221,20 @@ def test_the_switch_keeps_each_experts_mean_output_length(tiny_model_dir):
             torch.testing.assert_close(optimizer.state[m.lora_B]["exp_avg_sq"][:, 0, 0], lengths[m] ** -2)
     for h in hooks:
         h.remove()
+
+
+def test_the_labs_commands_are_the_studys(study):
+    """notebooks/LAB.md's team table: each team's two commands are its method's flags at the rate the length
+    study picked for that length (study/length/results.json), so a class runs what the study measured."""
+    import re
+    root = BENCHMARKS.parent
+    picks = json.loads((root / "study" / "length" / "results.json").read_text())["lengths"]
+    rows = [line for line in (root / "notebooks" / "LAB.md").read_text().splitlines()
+            if re.match(r"\| [A-F] \|", line)]
+    assert len(rows) == 6
+    for row in rows:
+        _, team, method, one, three, _ = (cell.strip() for cell in row.split("|"))
+        flags = study.METHODS[method]
+        lr = {e: picks[e][method]["picked_lr"] for e in ("1", "3")}
+        assert one == f"`python train.py --data assets/world-val {' '.join(flags)} --lr {lr['1']}`".replace("  ", " ")
+        assert three == f"`python train.py --data assets/world-val {' '.join(flags)} --lr {lr['3']} --epochs 3`"
