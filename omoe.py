@@ -184,8 +184,8 @@ class OMoELinear(nn.Module):
         return _gram_from_products(h, BtB, self.scaling)
 
     def extra_repr(self):
-        return (f"experts={self.experts}, top_k={self.top_k}, rank={self.rank}, alpha={self.alpha}, "
-                f"orth={self.orth!r}, impl={self.impl!r}")
+        return (f"experts={self.experts}, top_k={self.top_k}, rank={self.rank}, "
+                f"alpha={self.alpha}, orth={self.orth!r}, impl={self.impl!r}")
 
 
 # ── The fast path's pieces: the Gram matrix in rank space, and Cholesky for small K ────────────
