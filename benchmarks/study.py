@@ -329,7 +329,9 @@ class Study:
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{run.method} {run.name} failed, see {folder / 'stdout.txt'}")
         (folder / "checkpoint.pt").unlink(missing_ok=True)  # the adapters are saved apart; this is 3x their size
-        result = json.loads((folder / "results.json").read_text())
+        # --eval-only writes eval-<data>.json beside a run, a training run results.json
+        results = next(folder.glob("eval-*.json")) if "--eval-only" in flags else folder / "results.json"
+        result = json.loads(results.read_text())
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()] \
             if (folder / "log.jsonl").is_file() else []
         accuracies = lambda r: {t: x["accuracy"] for t, x in (r or {}).items()} or None  # noqa: E731

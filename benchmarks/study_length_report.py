@@ -158,10 +158,12 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
         lines.append("| " + " | ".join(cells) + " |")
     if any(c["test"] for c in longer.values()):
         n = study_length.LONG
-        lines += ["", f"### {n} epochs, where validation still climbed at the end of 3 (at the 3-epoch pick, 5 seeds)",
-                  "", f"| method | lr | {n} epochs: test | vs OMoE-2 | {n} epochs vs 3 |", "|---|---|---|---|---|"]
+        lines += ["", f"### {n} epochs, where validation still climbed at the end of 3 (at the 3-epoch pick, up to "
+                  "5 seeds: those recorded so far)", "",
+                  f"| method | lr | seeds | {n} epochs: test | vs OMoE-2 | {n} epochs vs 3 |",
+                  "|---|---|---|---|---|---|"]
         for m, c in longer.items():
-            lines.append(f"| {m} | {c['picked_lr']} | {fmt(c['test'])} | "
+            lines.append(f"| {m} | {c['picked_lr'] or '—'} | {len(c['test'])} | {fmt(c['test'])} | "
                          f"{'—' if m == ref else verdict(c['test'], longer.get(ref, {}).get('test', []))} | "
                          f"{verdict(c['test'], by_length[3][m]['test'])} |")
     test = study_report.baselines(study_report.records(study_length.arm(3).out))["test"]
@@ -195,7 +197,8 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
     if times:
         base = times["LoRA r=16"]
         lines += ["", "### Validation accuracy at equal compute (the time of 120 and 360 steps of LoRA r=16, each "
-                  "method's measured time per step; benchmarks/bench_step.py)", "",
+                  "method's time per step: the median of interleaved rounds of `OMP_NUM_THREADS=1 python "
+                  "benchmarks/bench_step.py --study`; validation linear between evaluated steps)", "",
                   "| method | time per step / LoRA r=16's | steps in 120 LoRA steps' time | val | steps in 360 | val |",
                   "|---|---|---|---|---|---|"]
         for m in study_length.METHODS:

@@ -1,6 +1,6 @@
 """benchmarks/study.py's bookkeeping: the plan, the learning-rate pick, the noise rule, the matched rank,
 the 90% step, resuming from records and the report (the runs themselves are train.py's, tested in
-test_train.py and test_assets.py). Nothing here trains a model."""
+test_train.py and test_assets.py). One test runs a sweep run and its retest for real, two steps each."""
 
 import importlib.util
 import json
@@ -114,6 +114,21 @@ def test_resume_runs_only_what_has_no_record_and_picks_from_validation(study, tm
                                                                    if k != "methods"})
     with pytest.raises(SystemExit, match="was made with other flags"):
         study.Study(tmp_path, changed).check_records(study.plan(changed))
+
+
+def test_a_retest_reads_the_evaluation_that_eval_only_writes(study, tmp_path):
+    """A sweep run, then its retest (the sweep's saved adapters on the test, train.py --eval-only, which
+    writes eval-<data>.json beside the run), for real: 2 steps, 4 questions per task."""
+    settings = study.Settings({"A": ["--lora", "--rank", "4"]}, lrs=("1e-3",), sweep_seeds=(0,), final_seeds=(0,),
+                              alpha_methods=(), train_flags=["--max-steps", "2"], eval_flags=["--eval-limit", "4"])
+    s = study.Study(tmp_path, settings, log=lambda msg: None)
+    sweep = s.execute(study.Run("A", "sweep", 0, "1e-3"))
+    assert sweep["test"] is None and len(sweep["val"]) == 6  # the sweep never sees the test
+    retest = s.resolve(study.Run("A", "retest", 0, None))
+    assert retest.name == "retest-lr1e-3-seed0" and "--eval-only" in s.flags(retest)
+    record = s.execute(retest)
+    assert set(record["test"]) == set(sweep["val"]) and record["val"] == sweep["val"]  # the same adapters
+    assert s.record(retest) == record
 
 
 def test_report_shows_the_pick_the_baselines_and_test_only_at_the_pick(study, tmp_path):
