@@ -1,8 +1,9 @@
 """Speed or destination? The study's methods trained for 1 and for 3 epochs, each at its own rate per length.
 
     python benchmarks/study_length.py --plan             # the runs and the estimated time, running nothing
-    python benchmarks/study_length.py                    # both lengths (about 2.5 hours on a quiet 2-core CPU)
+    python benchmarks/study_length.py                    # both lengths: 142 runs, 5.2 CPU-hours (2.6 h, --jobs 2)
     python benchmarks/study_length.py --epochs 3         # one length only
+    python benchmarks/study_length.py --controls         # the control and the 6-epoch arm (after the 3-epoch sweeps)
     python benchmarks/study_length.py --report           # the tables and figures from the records so far
 
 The one-epoch study (benchmarks/study.py) trains every method for 120 steps. A method that has not left the
