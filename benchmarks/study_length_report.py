@@ -109,32 +109,33 @@ def summaries() -> dict:
     return {e: {m: method_summary(a, m) for m in study_length.METHODS} for e, a in arms.items()}
 
 
-def control_summaries() -> dict:
-    out = OUT / "controls"
+def final_runs(out: Path, names) -> dict:
+    """{name: its runs' summary}: the one-lr, 5-seed arms (the controls, the longer arm) of `out`."""
     rs = study_report.records(out) if (out / "runs").is_dir() else []
     found = {}
-    for name, (parent, _) in study_length.CONTROLS.items():
+    for name in names:
         mine = sorted((r for r in rs if r["method"] == name), key=lambda r: r["seed"])
-        found[name] = {"parent": parent, "lr": mine[0]["lr"] if mine else None,
+        found[name] = {"lr": mine[0]["lr"] if mine else None,
                        "test": [study.average(r["test"]) for r in mine if r["test"]],
                        "val": [study.average(r["val"]) for r in mine if r["val"]],
                        "curves": {r["seed"]: r["val_curve"] for r in mine if r["val_curve"]},
-                       "train_loss": [r["train_loss"] for r in mine]}
+                       "train_loss": [r["train_loss"] for r in mine],
+                       "environment": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in mine})}
+    return found
+
+
+def control_summaries() -> dict:
+    found = final_runs(OUT / "controls", study_length.CONTROLS)
+    for name, (parent, _) in study_length.CONTROLS.items():
+        found[name]["parent"] = parent
     return found
 
 
 def long_summaries() -> dict:
-    """The longer arm's runs, per method (at the 3-epoch pick): tests, curves."""
-    out = OUT / f"{study_length.LONG}-epochs"
-    rs = study_report.records(out) if (out / "runs").is_dir() else []
-    found = {}
-    for m in study_length.LONG_METHODS:
-        mine = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
-        found[m] = {"picked_lr": mine[0]["lr"] if mine else None,
-                    "test": [study.average(r["test"]) for r in mine if r["test"]],
-                    "curves": {r["seed"]: r["val_curve"] for r in mine if r["val_curve"]},
-                    "train_loss": [r["train_loss"] for r in mine],
-                    "environment": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in mine})}
+    """The longer arm's runs, per method (at the 3-epoch pick)."""
+    found = final_runs(OUT / f"{study_length.LONG}-epochs", study_length.LONG_METHODS)
+    for c in found.values():
+        c["picked_lr"] = c.pop("lr")  # the name the figure and the tables read for every arm
     return found
 
 
@@ -246,7 +247,8 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
         cells = [f"{statistics.mean(x):.0f}" if x else "—" for x in (by_length[e][m]["final_cpu_seconds"]
                                                                      for e in (1, 3))]
         lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
-    environments = sorted({e for by in [*by_length.values(), longer] for s in by.values() for e in s["environment"]})
+    environments = sorted({e for by in [*by_length.values(), longer, controls] for s in by.values()
+                           for e in s["environment"]})
     lines += ["", "### What the records were computed with", ""] + [f"- `{e}`" for e in environments]
     return "\n".join(lines) + "\n"
 
