@@ -318,8 +318,7 @@ class Study:
             flags = [f for f in self.flags(sweep) if f != "--skip-test-eval"]
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished run's leftovers
         folder.mkdir(parents=True)
-        script = ROOT / ("benchmarks/switch_run.py" if SWITCH in flags else "train.py")
-        command = [sys.executable, str(script), *flags, "--out", str(folder)]
+        command = [sys.executable, str(self.script(flags)), *flags, "--out", str(folder)]
         self.log(f"start {run.method}: {run.name}")
         start = time.time()
         with open(folder / "stdout.txt", "w") as stdout:
@@ -355,13 +354,21 @@ class Study:
                   "trainable": result.get("trainable_params"),
                   "train_loss": last_loss(log),
                   "wall_seconds": time.time() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                  "peak_rss_mib": usage.ru_maxrss / 1024}
+                  "peak_rss_mib": usage.ru_maxrss / 1024, **self.extra(folder, result, log)}
         path = self.record_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, path)
         return record
+
+    def script(self, flags: list[str]) -> Path:
+        """The program a run's flags are for: train.py, or the control's wrapper of it."""
+        return ROOT / ("benchmarks/switch_run.py" if SWITCH in flags else "train.py")
+
+    def extra(self, folder: Path, result: dict, log: list[dict]) -> dict:
+        """What a study adds to each record from the run's folder (nothing here)."""
+        return {}
 
     def check_records(self, runs: list[Run]) -> None:
         """A recorded run made with other flags than this study would use: refuse to mix the two."""
