@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import study  # noqa: E402
 import study_length  # noqa: E402
 import study_report  # noqa: E402
+import study_stats  # noqa: E402
 
 OUT = study_length.OUT
 STEP_TIMES = ROOT / "study" / "step_times.json"  # benchmarks/bench_step.py --study-methods writes it
@@ -143,12 +144,52 @@ def step_times() -> dict:
     return json.loads(STEP_TIMES.read_text()) if STEP_TIMES.is_file() else {}
 
 
+def comparisons(by_length: dict, controls: dict, longer: dict) -> list[dict]:
+    """Every comparison the report makes, as one family: Welch's test, Holm over all of them."""
+    ref, rows = study.REFERENCE, []
+
+    def add(label, a, b):
+        rows.append({"comparison": label, **study_stats.compare(a, b)})
+    for e in (1, 3):
+        for m in study_length.METHODS:
+            if m != ref:
+                add(f"{e} epoch{'s' if e > 1 else ''}: {m} vs {ref}", by_length[e][m]["test"],
+                    by_length[e][ref]["test"])
+    for m in study_length.METHODS:
+        add(f"{m}: 3 epochs vs 1", by_length[3][m]["test"], by_length[1][m]["test"])
+    n = study_length.LONG
+    for m, c in longer.items():
+        if m != ref:
+            add(f"{n} epochs: {m} vs {ref}", c["test"], longer.get(ref, {}).get("test", []))
+        add(f"{m}: {n} epochs vs 3", c["test"], by_length[3][m]["test"])
+    for name, c in controls.items():
+        parent = c["parent"]
+        other = "vanilla MoE-LoRA soft-2" if parent != "vanilla MoE-LoRA soft-2" else "normalised only, 2 experts"
+        for x in (parent, other):
+            add(f"{name} vs {x} (3 epochs)", c["test"], by_length[3][x]["test"])
+    return study_stats.adjust(rows)
+
+
+def intervals(by_length: dict, longer: dict) -> list[str]:
+    """Each method's test mean and its 95% interval at each length."""
+    n = study_length.LONG
+    lines = ["| method | 1 epoch | 3 epochs | " + f"{n} epochs (3-epoch lr) |", "|---|---|---|---|"]
+    for m in study_length.METHODS:
+        cells = []
+        for xs in (by_length[1][m]["test"], by_length[3][m]["test"], longer.get(m, {}).get("test", [])):
+            mean, half = study_stats.mean_ci(xs) if xs else (None, None)
+            cells.append("—" if mean is None else f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> str:
     mean_majority = statistics.mean(share for _, share in majority.values())
     ref = study.REFERENCE
+    rows = comparisons(by_length, controls, longer)
     lines = ["### Test average at each method's rate, picked on validation at each length (5 seeds, mean ± std)", "",
-             "| method | 1 epoch: lr | 1 epoch: test | vs OMoE-2 | 3 epochs: lr | 3 epochs: test | vs OMoE-2 | "
-             "3 epochs vs 1 |", "|---|---|---|---|---|---|---|---|"]
+             "| method | 1 epoch: lr | 1 epoch: test | vs OMoE-2 (noise rule) | 3 epochs: lr | 3 epochs: test | "
+             "vs OMoE-2 (noise rule) | 3 epochs vs 1 (noise rule) |", "|---|---|---|---|---|---|---|---|"]
     for m in study_length.METHODS:
         one, three = by_length[1][m], by_length[3][m]
         cells = [m]
@@ -161,7 +202,7 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
         n = study_length.LONG
         lines += ["", f"### {n} epochs, where validation still climbed at the end of 3 (at the 3-epoch pick, up to "
                   "5 seeds: those recorded so far)", "",
-                  f"| method | lr | seeds | {n} epochs: test | vs OMoE-2 | {n} epochs vs 3 |",
+                  f"| method | lr | seeds | {n} epochs: test | vs OMoE-2 (noise rule) | {n} epochs vs 3 (noise rule) |",
                   "|---|---|---|---|---|---|"]
         for m, c in longer.items():
             lines.append(f"| {m} | {c['picked_lr'] or '—'} | {len(c['test'])} | {fmt(c['test'])} | "
@@ -170,7 +211,13 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
     test = study_report.baselines(study_report.records(study_length.arm(3).out))["test"]
     lines += ["", f"On the test the majority label scores {study.average(test['majority']):.3f} and chance "
               f"{study.average(test['chance']):.3f}; on validation the majority label {mean_majority:.3f}. The "
-              f"noise rule: a gap counts when it exceeds twice the standard error of the difference.", "",
+              f"noise rule: a gap counts when it exceeds twice the standard error of the difference (about p < 0.1 "
+              f"with 5 seeds, uncorrected: a rough rule, kept beside the tests below).", "",
+              "### The test average's 95% interval (t-interval over the 5 seeds)", "", *intervals(by_length, longer),
+              "", f"### Every comparison above, tested: Welch's t-test, Holm-adjusted over all {len(rows)}", "",
+              "A verdict is 'higher' or 'lower' where Holm's p is below 0.05, else 'no difference shown'. The paired "
+              "test pairs runs by seed (the same data order); the noise rule is the earlier rough rule.", "",
+              *study_stats.table(rows, label=lambda r: r["comparison"]), "",
               "### What one run gives: the lowest – highest test average over the seeds at the pick", "",
               "Runs on another processor or torch release round differently, and a small model's training follows "
               "the difference as it would another seed: the one-epoch column on both machines holds the same "
@@ -311,7 +358,8 @@ def write() -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {"lengths": {e: {m: {k: v for k, v in s.items() if k not in ("answer_curves",)}
                                for m, s in by.items()} for e, by in by_length.items()},
-               "controls": controls, "longer": longer, "val_majority": majority, "step_times": step_times()}
+               "controls": controls, "longer": longer, "val_majority": majority, "step_times": step_times(),
+               "comparisons": comparisons(by_length, controls, longer)}
     tmp = OUT / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(OUT / "results.json")

@@ -48,12 +48,15 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"diff": m, "ci": [m - half, m + half], "p": p, "test": "paired"}
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's adjusted p-values, in the order given (nan stays nan and is not counted)."""
+def holm(pvalues: list[float], family: int | None = None) -> list[float]:
+    """Holm's adjusted p-values, in the order given (nan stays nan and is not counted). family: the
+    number of planned comparisons when only some are known yet; the unknown ones are counted as if
+    their p-values were larger, which can only make these adjusted values larger than the final."""
     order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m = max(family or 0, len(order))
     adjusted, running = [math.nan] * len(pvalues), 0.0
     for rank, (p, i) in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * p))
+        running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
 
@@ -71,3 +74,45 @@ def verdict(comparison: dict, alpha: float = 0.05) -> str:
     if math.isnan(p) or p >= alpha:
         return "no difference shown"
     return "higher" if comparison["diff"] > 0 else "lower"
+
+
+def compare(a: list[float], b: list[float]) -> dict:
+    """Welch's test of a against b, the paired test and the noise rule beside it; {} if either has
+    fewer than 2 values."""
+    if min(len(a), len(b)) < 2:
+        return {}
+    out = {**welch(a, b), "noise_rule": "within noise" if noise_rule(a, b) else "beyond noise"}
+    if len(a) == len(b):
+        out["paired"] = paired(a, b)
+    return out
+
+
+def adjust(rows: list[dict], family: int | None = None) -> list[dict]:
+    """Holm over the rows that hold a test (compare's), in place: p_holm and the verdict."""
+    known = [r for r in rows if "p" in r]
+    for r, p in zip(known, holm([r["p"] for r in known], family)):
+        r["p_holm"], r["verdict"] = p, None
+        r["verdict"] = verdict(r)
+    return rows
+
+
+def fmt_p(p: float | None) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def table(rows: list[dict], label=lambda r: f"{r['a']} vs {r['b']}") -> list[str]:
+    """Markdown rows: comparison, difference and its 95% interval, p, Holm's p, the verdict, the
+    paired test, the noise rule."""
+    lines = ["| comparison | difference [95%] | p (Welch) | p (Holm) | verdict | paired: "
+             "difference [95%], p | noise rule |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "p" not in r:
+            lines.append(f"| {label(r)} | not enough seeds |  |  |  |  |  |")
+            continue
+        pair = r.get("paired")
+        paired_cell = (f"{pair['diff']:+.3f} [{pair['ci'][0]:+.3f}, {pair['ci'][1]:+.3f}], "
+                       f"{fmt_p(pair['p'])}" if pair else "—")
+        lines.append(f"| {label(r)} | {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                     f"{fmt_p(r['p'])} | {fmt_p(r['p_holm'])} | {r['verdict']} | {paired_cell} | "
+                     f"{r['noise_rule']} |")
+    return lines

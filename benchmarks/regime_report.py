@@ -1,0 +1,193 @@
+"""benchmarks/regime.py's report: its records -> study/regime/results.md and results.json.
+
+Everything is computed from the records alone, so it can be rewritten from a partial study: a cell
+whose sweep or seeds are unfinished says so, and the planned comparisons are Holm-adjusted over the
+whole planned family (33), counting the ones not yet known as if they were larger, so that a
+"higher" or "lower" here can only become more certain when the rest arrive.
+"""
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import regime  # noqa: E402
+import study  # noqa: E402
+import study_report  # noqa: E402
+import study_stats  # noqa: E402
+
+LORA4, LORA8, LORA9 = (f"LoRA r={r} ({w})" for r, w in ((4, "one expert's rank"),
+                                                         (8, "two experts' rank"),
+                                                         (9, "OMoE-2's parameters")))
+VANILLA, TIED, OMOE = "vanilla MoE-LoRA soft-2", "vanilla soft-2, tied experts", "OMoE-2 orthonormal"
+COMPARISONS = [  # (id, method, against, the question): study/regime/DESIGN.md
+    ("C1", LORA8, LORA4, "does capacity bind?"),
+    ("C2", VANILLA, LORA8, "does vanilla use its total rank as well as one LoRA?"),
+    ("C3", VANILLA, TIED, "is vanilla's second expert worth anything?"),
+    ("C4", OMOE, VANILLA, "does Gram–Schmidt help?"),
+    ("C5", OMOE, LORA8, "OMoE-2 against one LoRA of its total rank"),
+    ("C6", OMOE, LORA9, "the same at equal parameters, routers counted"),
+    ("C7", OMOE, "normalised only, 2 experts", "orthogonality beyond the unit length"),
+    ("C8", OMOE, "orthogonal only, 2 experts", "the unit length beyond orthogonality"),
+    ("C9", "OMoE-2, learned magnitude", OMOE, "does the length cap bind?"),
+    ("C10", "OMoE top-2 of 4", "vanilla top-2 of 4", "Gram–Schmidt under sparse routing"),
+    ("C11", "vanilla top-2 of 4 + balance loss", "vanilla top-2 of 4", "does balancing help?"),
+]
+FAMILY = len(COMPARISONS) * len(regime.LENGTHS)
+COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
+PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
+          "mi_soft", "mi_top1", "switched", "magnitude")
+
+
+def final_probes(arm: study.Study, method: str, pick: str) -> list[list[dict]]:
+    """Each final seed's probe entries (the sweep's run for seeds 0 and 1, whose retest has none)."""
+    out = []
+    for seed in arm.s.final_seeds:
+        stage = "sweep" if seed in arm.s.sweep_seeds else "final"
+        r = arm.record(study.Run(method, stage, seed, pick))
+        if r and r.get("probe"):
+            out.append(r["probe"])
+    return out
+
+
+def probe_summary(probes: list[list[dict]]) -> dict:
+    """The last probe's quantities, mean over seeds and layers (and their spread over seeds); the
+    share of (seed, layer) pairs whose experts are collapsed; each quantity's mean curve over the
+    probes (by tenth of the run)."""
+    if not probes:
+        return {}
+    def per_seed(entry, key):
+        vals = [layer[key] for layer in entry["layers"].values() if layer.get(key) is not None]
+        return statistics.mean(vals) if vals else None
+    end = {k: [v for v in (per_seed(p[-1], k) for p in probes) if v is not None] for k in PROBED}
+    layers = [layer for p in probes for layer in p[-1]["layers"].values()]
+    collapsed = [layer["abs_cos"] >= COLLAPSED_COS or layer["out_erank"] <= COLLAPSED_ERANK
+                 for layer in layers]
+    max_load = [max(layer["load"]) / sum(layer["load"]) for layer in layers]
+    n = min(len(p) for p in probes)
+    curves = {k: [statistics.mean(v) for v in zip(*[[per_seed(e, k) for e in p[:n]]
+                                                    for p in probes]) if None not in v]
+              for k in ("abs_cos", "out_erank", "mi_soft", "switched", "magnitude")}
+    return {"seeds": len(probes), "end": {k: study.mean_std(v) for k, v in end.items() if v},
+            "collapsed_share": sum(collapsed) / len(collapsed),
+            "max_load_share": statistics.mean(max_load),
+            "steps": [e["step"] for e in probes[0][:n]], "curves": curves}
+
+
+def summarise_arm(epochs: int) -> dict:
+    arm = regime.arm(epochs, log=lambda *_: None)
+    rs = study_report.records(arm.out)
+    out = {}
+    for method in arm.s.methods:
+        mine = [r for r in rs if r["method"] == method]
+        s = study_report.summarise(method, mine, arm.s)
+        share = next((r["share"] for r in mine if r.get("share")), None)
+        probes = final_probes(arm, method, s["picked_lr"]) if s["picked_lr"] else []
+        s.update(share=share, ci=study_stats.mean_ci(s["test"])[1] if len(s["test"]) > 1 else None,
+                 cpu_seconds=[r["cpu_seconds"] for r in mine if r["stage"] in ("sweep", "final")],
+                 probe=probe_summary(probes))
+        out[method] = s
+    return {"methods": out, "baselines": study_report.baselines(rs), "records": len(rs),
+            "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs})}
+
+
+def comparisons(by_length: dict) -> list[dict]:
+    """Every planned comparison whose two cells have all their seeds, Holm-adjusted."""
+    rows = []
+    for epochs, arm in by_length.items():
+        methods = arm["methods"]
+        for cid, a, b, question in COMPARISONS:
+            ta, tb = (methods.get(m, {}).get("test", []) for m in (a, b))
+            row = {"id": cid, "epochs": epochs, "a": a, "b": b, "question": question}
+            if len(ta) == len(tb) == len(regime.settings(epochs).final_seeds):
+                row.update(study_stats.welch(ta, tb), paired=study_stats.paired(ta, tb),
+                           noise_rule="within noise" if study_stats.noise_rule(ta, tb) else
+                           "beyond noise")
+            rows.append(row)
+    known = [r for r in rows if "p" in r]
+    for r, adj in zip(known, study_stats.holm([r["p"] for r in known], FAMILY)):
+        r["p_holm"] = adj
+        r["verdict"] = study_stats.verdict(r)
+    return rows
+
+
+def fmt_p(p: float) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def method_row(name: str, m: dict) -> str:
+    share = f"{m['share']:.2%}" if m.get("share") else ""
+    if m["picked_lr"] is None:
+        return f"| {name} | {share} | sweep unfinished |" + " |" * 9
+    probe, end = m["probe"], m["probe"].get("end", {})
+    def cell(key, form="{:.2f}"):
+        return form.format(end[key][0]) if key in end else "—"
+    seeds = len(m["test"])
+    test = study_report.fmt(m["test"]) + ("" if seeds == 5 else f" ({seeds} seeds)")
+    ci = "" if m["ci"] is None else f"{m['ci']:.3f}"
+    lr = m["picked_lr"] + (" (edge)" if m["pick_at_edge"] else "")
+    collapsed = f"{probe['collapsed_share']:.2f}" if probe else "—"
+    load = f"{probe['max_load_share']:.2f}" if probe else "—"
+    return (f"| {name} | {share} | {lr} | {study_report.fmt(m['sweep'][m['picked_lr']])} | {test} "
+            f"| {ci} | {cell('abs_cos')} | {cell('out_erank')} | {collapsed} | {load} | "
+            f"{cell('mi_soft', '{:.3f}')} | {cell('magnitude')} |")
+
+
+def comparison_row(r: dict) -> str:
+    head = f"| {r['id']} | {r['epochs']} | {r['a']} vs {r['b']} |"
+    if "p" not in r:
+        return head + " not all seeds yet |" + " |" * 5
+    lo, hi = r["ci"]
+    pl, ph = r["paired"]["ci"]
+    return (head + f" {r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {fmt_p(r['p'])} | "
+            f"{fmt_p(r['p_holm'])} | **{r['verdict']}** | {pl:+.3f}, {ph:+.3f} "
+            f"(p {fmt_p(r['paired']['p'])}) | {r['noise_rule']} |")
+
+
+def markdown(by_length: dict, rows: list[dict]) -> str:
+    lines = ["# The regime study: results from the records so far", "",
+             "Design, and what would count as each answer: [DESIGN.md](DESIGN.md), written before "
+             "the first run. Held-out test average over the seeds at each method's rate picked on "
+             "validation at that length: mean ± std, and the half-width of its 95% interval. The probe "
+             "columns are the last probe's (the end of training), mean over seeds and layers:",
+             "abs cos, the absolute cosine between two experts' outputs; out erank, the effective "
+             "rank of a token's expert outputs (1: all alike); collapsed, the share of (seed, layer) "
+             f"pairs with abs cos >= {COLLAPSED_COS} or out erank <= {COLLAPSED_ERANK}; max load, the "
+             "busiest expert's share of the routed slots; MI, the task-expert mutual information in "
+             "nats (from the mean router probabilities per task); magnitude, the learned exp(m).", ""]
+    for epochs, arm in by_length.items():
+        base = arm["baselines"]["test"]
+        lines += [f"## {epochs} epoch{'s' if epochs > 1 else ''} ({120 * epochs} steps; "
+                  f"{arm['records']} records)", "",
+                  "| method | share | lr | val at pick | test | ±95% | abs cos | out erank | "
+                  "collapsed | max load | MI | magnitude |", "|" + "---|" * 12]
+        if base["majority"]:
+            lines.append(f"| majority label | | | | {study.average(base['majority']):.3f} |"
+                         + " |" * 7)
+        lines += [method_row(name, m) for name, m in arm["methods"].items()] + [""]
+    lines += ["## The planned comparisons", "",
+              f"Welch's t-test on the 5 seeds' test averages; p Holm-adjusted over the {FAMILY} "
+              "planned comparisons (those not yet known counted as larger); the verdict at 5%; the "
+              "paired test by seed and the earlier noise rule beside, for comparison.", "",
+              "| # | epochs | comparison | difference [95%] | p | p Holm | verdict | paired [95%] | "
+              "noise rule |", "|" + "---|" * 9]
+    lines += [comparison_row(r) for r in rows] + [""]
+    return "\n".join(lines)
+
+
+def write() -> dict:
+    by_length = {e: summarise_arm(e) for e in regime.LENGTHS}
+    rows = comparisons(by_length)
+    summary = {"lengths": by_length, "comparisons": rows, "family": FAMILY}
+    tmp = regime.OUT / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(regime.OUT / "results.json")
+    (regime.OUT / "results.md").write_text(markdown(by_length, rows))
+    return summary
+
+
+if __name__ == "__main__":
+    write()
+    print(f"wrote {regime.OUT / 'results.md'}")
