@@ -1,0 +1,204 @@
+"""The regime study's pieces: the tied and magnitude arms, the probe's quantities, the statistics,
+the design's promises (shares, ranks, the planned family), the report's comparisons. Two tests run
+regime_run.py for real, a few steps each."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+import omoe
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # the report imports the others by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_mod():
+    return load("regime_run")
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return load("study_stats")
+
+
+def two_experts(orth="none", d_in=16, d_out=12):
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj = omoe.OMoELinear(torch.nn.Linear(d_in, d_out, bias=False), experts=2, rank=4,
+                                 alpha=8, dropout=0.0, orth=orth)
+    model.requires_grad_(False)
+    for name, p in model.proj.named_parameters():
+        p.requires_grad_(not name.startswith("base_layer."))
+    return model
+
+
+def test_tied_experts_compute_one_lora_and_stay_tied(run_mod):
+    model = two_experts()
+    run_mod.tie(model)
+    layer = model.proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_B[1:] = layer.lora_B[:1]  # any B, as long as the copies agree
+    start = layer.lora_A.detach().clone()
+    x = torch.randn(5, 16)
+    lora = layer.base_layer(x) + 2.0 * x @ layer.lora_A[0].T @ layer.lora_B[0].T  # s = alpha / r = 2
+    torch.testing.assert_close(model.proj(x), lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        model.proj(torch.randn(7, 16)).pow(2).sum().backward()
+        # Σ g_i e = e: the gates do not matter, so the router's gradient is rounding alone.
+        assert layer.router.weight.grad.abs().max() < 1e-6 * layer.lora_B.grad.abs().max()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(layer.lora_A[0], layer.lora_A[1]) and torch.equal(layer.lora_B[0], layer.lora_B[1])
+    assert not torch.equal(layer.lora_A, start)  # it trained
+
+
+def test_magnitude_multiplies_the_mixed_update(run_mod):
+    model = two_experts("orthonormal")
+    layer = model.proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    run_mod.add_magnitude(model)
+    assert layer.log_magnitude.requires_grad and "proj.log_magnitude" in omoe.adapter_state_dict(model)
+    x = torch.randn(6, 16)
+    h = (x @ layer.lora_A.flatten(0, 1).T).view(6, 2, 4)
+    _, gates, _, top = layer.route(x)
+    plain = omoe.OMoELinear._mix_fast(layer, h, gates, top)
+    scaled = run_mod.with_magnitude(omoe.OMoELinear._mix_fast)
+    torch.testing.assert_close(scaled(layer, h, gates, top), plain)  # exp(0) = 1 at the start
+    with torch.no_grad():
+        layer.log_magnitude.fill_(math.log(3.0))
+    torch.testing.assert_close(scaled(layer, h, gates, top), 3 * plain)
+    assert plain.norm(dim=-1).max() <= 1 + 1e-4  # the cap the arm lifts: |Σ g_k q_k| <= 1
+
+
+def test_probe_quantities_on_known_inputs(run_mod):
+    assert run_mod.erank(torch.tensor([3.0, 0.0, 0.0])).item() == pytest.approx(1.0)
+    assert run_mod.erank(torch.tensor([2.0, 2.0])).item() == pytest.approx(2.0)
+    basis = torch.eye(6)
+    same = torch.stack([basis[:, :2], basis[:, :2] @ torch.tensor([[0.0, 1.0], [1.0, 0.0]])])
+    apart = torch.stack([basis[:, :2], basis[:, 2:4]])
+    assert run_mod.overlap(same) == pytest.approx(1.0)
+    assert run_mod.overlap(apart) == pytest.approx(0.0, abs=1e-6)
+    assert run_mod.mutual_information(torch.eye(3)) == pytest.approx(math.log(3))
+    assert run_mod.mutual_information(torch.ones(3, 2)) == pytest.approx(0.0, abs=1e-7)
+
+
+def regime_run(tmp_path, *flags):
+    out = tmp_path / "run"
+    command = [sys.executable, str(BENCHMARKS / "regime_run.py"), *flags, "--targets", "o_proj",
+               "--rank", "4", "--alpha", "8", "--data", "assets/world-val", "--eval-limit", "4",
+               "--skip-base-eval", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+def test_a_tied_run_is_probed_and_stays_collapsed(tmp_path):
+    out = regime_run(tmp_path, "--tie-experts", "--probe-every", "2", "--experts", "2", "--orth", "none",
+                     "--max-steps", "4", "--skip-test-eval")
+    probes = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [2, 4]
+    layers = probes[-1]["layers"]
+    assert len(layers) == 4 and probes[-1]["tasks"] == sorted(probes[-1]["tasks"])
+    for layer in layers.values():
+        assert layer["cos"] == pytest.approx(1.0, abs=1e-4)
+        assert layer["out_erank"] == pytest.approx(1.0, abs=1e-3)
+        assert layer["A_overlap"] == pytest.approx(1.0, abs=1e-4)
+        assert 0 <= layer["mi_soft"] <= math.log(2) and 0 <= layer["switched"] <= 1
+        assert sum(layer["prob"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_magnitude_run_is_evaluated_again_with_its_magnitude(tmp_path):
+    out = regime_run(tmp_path, "--magnitude", "--probe-every", "3", "--experts", "2", "--max-steps", "3",
+                     "--skip-test-eval")
+    magnitudes = [layer["magnitude"] for layer in
+                  json.loads((out / "probe.jsonl").read_text().splitlines()[-1])["layers"].values()]
+    assert all(m != 1.0 for m in magnitudes)  # learned
+    trained = json.loads((out / "results.json").read_text())["val_after"]
+    command = [sys.executable, str(BENCHMARKS / "regime_run.py"), "--magnitude", "--eval-only",
+               "--adapter", str(out / "adapter"), "--data", "assets/world-val", "--eval-limit", "4",
+               "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads(next(out.glob("eval-*.json")).read_text())["val_after"]
+    assert again == trained  # the same adapters, magnitude included, give the same answers
+
+
+def test_holm_by_hand(stats):
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.01, math.nan, 0.5])[1] != stats.holm([0.01, math.nan, 0.5])[1]  # nan stays
+    # Counting a larger planned family can only raise the adjusted values.
+    assert all(a >= b for a, b in zip(stats.holm([0.01, 0.02], family=10), stats.holm([0.01, 0.02])))
+    assert stats.holm([0.01, 0.02], family=10) == pytest.approx([0.10, 0.18])
+
+
+def test_welch_paired_and_intervals_agree_with_scipy(stats):
+    a, b = [0.91, 0.93, 0.95, 0.90, 0.94], [0.80, 0.88, 0.70, 0.85, 0.90]
+    w = stats.welch(a, b)
+    assert w["p"] == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert w["ci"][0] < w["diff"] < w["ci"][1] and w["diff"] == pytest.approx(0.10)
+    interval = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert w["ci"] == pytest.approx([interval.low, interval.high])
+    p = stats.paired(a, b)
+    assert p["p"] == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue)
+    mean, half = stats.mean_ci(a)
+    low, high = scipy_stats.t.interval(0.95, len(a) - 1, loc=mean, scale=scipy_stats.sem(a))
+    assert (mean - half, mean + half) == pytest.approx((low, high))
+    clearly_lower = [0.80, 0.82, 0.78, 0.81, 0.79]
+    rows = stats.adjust([stats.compare(a, clearly_lower), stats.compare(a, a[::-1])])
+    assert rows[0]["verdict"] == "higher" and rows[1]["verdict"] == "no difference shown"
+    assert stats.compare([0.5], b) == {}
+
+
+def test_the_design_keeps_its_promises():
+    regime = load("regime")
+    study = load("study")
+    assert len(regime.METHODS) == 12 and regime.LENGTHS == (1, 3, 6)
+    for name, flags in regime.METHODS.items():
+        flags = [f for f in flags if f not in regime.WRAPPER_FLAGS]
+        n = study.trainable_parameters(flags)
+        share = n / (918_144 + n)
+        assert 0.003 <= share <= 0.03, (name, share)
+        assert int(flags[flags.index("--rank") + 1]) >= 4  # a rank-1 expert is a direction and a sign
+        assert flags[flags.index("--targets") + 1] == "o_proj"
+    design = (ROOT / "study" / "regime" / "DESIGN.md").read_text()
+    assert all(f"| {name} |" in design for name in regime.METHODS)
+    report = load("regime_report")
+    assert report.FAMILY == 33
+    assert {m for _, a, b, _ in report.COMPARISONS for m in (a, b)} <= set(regime.METHODS)
+    assert [c[0] for c in report.COMPARISONS] == [f"C{i}" for i in range(1, 12)]
+    assert all(f"| {cid} |" in design for cid, *_ in report.COMPARISONS)
+
+
+def test_the_report_tests_only_complete_cells():
+    report = load("regime_report")
+    full = [0.80, 0.82, 0.79, 0.81, 0.83]
+    by_length = {1: {"methods": {report.LORA8: {"test": full}, report.LORA4: {"test": [0.45] * 4 + [0.46]},
+                                 report.VANILLA: {"test": full[:3]}}},
+                 3: {"methods": {}}, 6: {"methods": {}}}
+    rows = report.comparisons(by_length)
+    assert len(rows) == 33
+    c1 = next(r for r in rows if r["id"] == "C1" and r["epochs"] == 1)
+    assert c1["verdict"] == "higher" and c1["p_holm"] == pytest.approx(min(1.0, 33 * c1["p"]))
+    assert all("p" not in r for r in rows if r is not c1)  # 3 seeds are not a cell yet
