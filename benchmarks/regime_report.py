@@ -47,7 +47,7 @@ def final_probes(arm: study.Study, method: str, pick: str) -> list[list[dict]]:
     for seed in arm.s.final_seeds:
         stage = "sweep" if seed in arm.s.sweep_seeds else "final"
         r = arm.record(study.Run(method, stage, seed, pick))
-        if r and r.get("probe"):
+        if r and r.get("probe") and r["probe"][-1]["layers"]:  # a LoRA has no experts to probe
             out.append(r["probe"])
     return out
 
