@@ -110,9 +110,10 @@ def arm(epochs: int, log=print, methods=None) -> RegimeStudy:
                        log)
 
 
-# CPU seconds of a run on one thread before any is recorded, from three one-epoch sweep runs timed
-# for the plan (LoRA r=8 30.7 s, OMoE-2 36.2 s, OMoE top-2 of 4 36.2 s): a fixed part (start,
-# loading, the final validation) and a part per epoch, times the method's cost; a validation pass.
+# CPU seconds of a run on one thread before any of its kind is recorded (then the records' own),
+# from three one-epoch sweep runs timed for the plan (LoRA r=8 30.7 s, OMoE-2 36.2 s, OMoE top-2
+# of 4 36.2 s): a fixed part (start, loading, the final validation) and a part per epoch, times the
+# method's cost; a validation pass.
 FIXED, PER_EPOCH, VAL_PASS = 8.0, 22.0, 2.5
 COST = {"LoRA": 1.0, "2": 1.25, "4": 1.25}
 
@@ -152,11 +153,18 @@ def main(argv=None) -> None:
             if r.method == m]
     if args.plan:
         left = total = 0.0
+        measured = {}  # (arm, method, stage) -> CPU seconds of its records so far
+        for a in arms.values():
+            for path in a.runs_dir.glob("*/*.json"):
+                r = json.loads(path.read_text())
+                measured.setdefault((a.out, r["method"], r["stage"]), []).append(r["cpu_seconds"])
         for a, run in runs:
             e = next(k for k, v in arms.items() if v is a)
             resolved = a.resolve(run)
             done = resolved is study.NO_RUN or (resolved is not None and a.record(resolved))
-            seconds = estimate_seconds(run, e, a.s.methods[run.method])
+            known = measured.get((a.out, run.method, run.stage))
+            seconds = sum(known) / len(known) if known else \
+                estimate_seconds(run, e, a.s.methods[run.method])
             # An extension runs in about 2 of 5 sweeps (the earlier studies: 9 of 22).
             seconds *= 0.4 if run.stage == "sweep" and run.lr is None else 1.0
             total += seconds

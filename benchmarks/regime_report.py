@@ -6,7 +6,6 @@ whole planned family (33), counting the ones not yet known as if they were large
 "higher" or "lower" here can only become more certain when the rest arrive.
 """
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -70,8 +69,11 @@ def probe_summary(probes: list[list[dict]]) -> dict:
     curves = {k: [statistics.mean(v) for v in zip(*[[per_seed(e, k) for e in p[:n]]
                                                     for p in probes]) if None not in v]
               for k in ("abs_cos", "out_erank", "mi_soft", "switched", "magnitude")}
+    magnitudes = [layer["magnitude"] for layer in layers if "magnitude" in layer]
     return {"seeds": len(probes), "end": {k: study.mean_std(v) for k, v in end.items() if v},
             "collapsed_share": sum(collapsed) / len(collapsed),
+            "magnitude_above_1_5": (sum(m > 1.5 for m in magnitudes) / len(magnitudes)
+                                    if magnitudes else None),
             "max_load_share": statistics.mean(max_load),
             "steps": [e["step"] for e in probes[0][:n]], "curves": curves}
 
@@ -94,27 +96,52 @@ def summarise_arm(epochs: int) -> dict:
 
 
 def comparisons(by_length: dict) -> list[dict]:
-    """Every planned comparison whose two cells have all their seeds, Holm-adjusted."""
+    """Every planned comparison whose two cells have all their seeds, Holm-adjusted over the family."""
     rows = []
     for epochs, arm in by_length.items():
-        methods = arm["methods"]
+        seeds = len(regime.settings(epochs).final_seeds)
         for cid, a, b, question in COMPARISONS:
-            ta, tb = (methods.get(m, {}).get("test", []) for m in (a, b))
-            row = {"id": cid, "epochs": epochs, "a": a, "b": b, "question": question}
-            if len(ta) == len(tb) == len(regime.settings(epochs).final_seeds):
-                row.update(study_stats.welch(ta, tb), paired=study_stats.paired(ta, tb),
-                           noise_rule="within noise" if study_stats.noise_rule(ta, tb) else
-                           "beyond noise")
-            rows.append(row)
-    known = [r for r in rows if "p" in r]
-    for r, adj in zip(known, study_stats.holm([r["p"] for r in known], FAMILY)):
-        r["p_holm"] = adj
-        r["verdict"] = study_stats.verdict(r)
-    return rows
+            ta, tb = (arm["methods"].get(m, {}).get("test", []) for m in (a, b))
+            complete = len(ta) == len(tb) == seeds
+            rows.append({"id": cid, "epochs": epochs, "a": a, "b": b, "question": question,
+                         **(study_stats.compare(ta, tb) if complete else {})})
+    return study_stats.adjust(rows, FAMILY)
 
 
-def fmt_p(p: float) -> str:
-    return "n/a" if p is None or math.isnan(p) else f"{p:.3f}" if p >= 0.001 else "<0.001"
+def answers(by_length: dict, rows: list[dict]) -> list[str]:
+    """DESIGN.md's rules, applied to the records as they are: one line per length and question,
+    'pending' where a cell it needs is unfinished."""
+    verdict = {(r["id"], r["epochs"]): r for r in rows}
+    lines = []
+    for e, arm in by_length.items():
+        def v(cid):
+            r = verdict[(cid, e)]
+            return r.get("verdict"), r.get("diff")
+        probe = arm["methods"].get(VANILLA, {}).get("probe") or {}
+        c1, c2, c3, c4, c7, c9 = (v(c)[0] for c in ("C1", "C2", "C3", "C4", "C7", "C9"))
+        valid = None if c1 is None else c1 == "higher" and v("C1")[1] >= 0.05
+        collapsed = None if not probe else probe["collapsed_share"] > 0.5
+        say = lambda q, a: lines.append(f"- {e} epoch{'s' if e > 1 else ''}, {q}: {a}")  # noqa: E731
+        say("the regime is valid (C1 higher by 0.05 or more)", "pending" if valid is None else
+            "yes" if valid else "no: capacity does not bind, nothing below reads as a cost of collapse")
+        if None in (valid, collapsed, c2, c3):
+            say("collapse costs accuracy", "pending")
+        elif not collapsed:
+            say("collapse costs accuracy", f"no collapse in vanilla's probe (collapsed share "
+                f"{probe['collapsed_share']:.2f}); C2 {c2}, C3 {c3}")
+        else:
+            costs = valid and c2 == "lower" and c3 != "higher"
+            say("collapse costs accuracy", "yes" if costs else
+                "collapse happens but costs nothing shown" if c2 == "no difference shown" else
+                f"not as defined (C2 {c2}, C3 {c3})")
+        say("Gram–Schmidt helps (C4), beyond the unit length (C7)", "pending" if None in (c4, c7)
+            else f"C4 {c4}, C7 {c7}" + (": the gain is the unit length's" if c4 == "higher" and
+                                         c7 != "higher" else ""))
+        mag = arm["methods"].get("OMoE-2, learned magnitude", {}).get("probe") or {}
+        say("the length cap binds (C9, the magnitude above 1.5 in most layers)",
+            "pending" if c9 is None or not mag else
+            f"C9 {c9}; magnitude above 1.5 in {mag['magnitude_above_1_5']:.0%} of (seed, layer)")
+    return lines
 
 
 def method_row(name: str, m: dict) -> str:
@@ -141,6 +168,7 @@ def comparison_row(r: dict) -> str:
         return head + " not all seeds yet |" + " |" * 5
     lo, hi = r["ci"]
     pl, ph = r["paired"]["ci"]
+    fmt_p = study_stats.fmt_p
     return (head + f" {r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {fmt_p(r['p'])} | "
             f"{fmt_p(r['p_holm'])} | **{r['verdict']}** | {pl:+.3f}, {ph:+.3f} "
             f"(p {fmt_p(r['paired']['p'])}) | {r['noise_rule']} |")
@@ -174,7 +202,17 @@ def markdown(by_length: dict, rows: list[dict]) -> str:
               "| # | epochs | comparison | difference [95%] | p | p Holm | verdict | paired [95%] | "
               "noise rule |", "|" + "---|" * 9]
     lines += [comparison_row(r) for r in rows] + [""]
-    return "\n".join(lines)
+    lines += ["## What the rules of DESIGN.md say, so far", "", *answers(by_length, rows), ""]
+    lines += ["## Time per run (CPU seconds of one thread, mean over the method's training runs)", "",
+              "| method | " + " | ".join(f"{e} epoch{'s' if e > 1 else ''}" for e in by_length) + " |",
+              "|---|" + "---|" * len(by_length)]
+    for name in regime.METHODS:
+        cells = [by_length[e]["methods"].get(name, {}).get("cpu_seconds") for e in by_length]
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(c):.0f}" if c else "—"
+                                                 for c in cells) + " |")
+    environments = sorted({e for arm in by_length.values() for e in arm["environments"]})
+    lines += ["", "## What the records were computed with", ""] + [f"- `{e}`" for e in environments]
+    return "\n".join(lines) + "\n"
 
 
 def write() -> dict:
