@@ -215,6 +215,46 @@ def markdown(by_length: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(by_length: dict, path: Path) -> None:
+    """The probe over training at each method's pick: absolute cosine, output effective rank and
+    task-expert information (mean over seeds and layers), one column per length."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = (("abs_cos", "|cos| between experts"), ("out_erank", "effective rank of outputs"),
+            ("mi_soft", "I(task; expert), nats"))
+    fig, axes = plt.subplots(len(rows), len(by_length), figsize=(4.2 * len(by_length), 9),
+                             squeeze=False, sharex="col")
+    colours = plt.get_cmap("tab10")
+    for col, (e, arm) in enumerate(by_length.items()):
+        probed = [(n, m["probe"]) for n, m in arm["methods"].items() if m.get("probe")]
+        for i, (name, probe) in enumerate(probed):
+            for row, (key, _) in enumerate(rows):
+                curve = probe["curves"].get(key)
+                if curve:
+                    axes[row][col].plot(probe["steps"][:len(curve)], curve, marker="o", ms=3,
+                                        color=colours(i), label=name)
+        axes[0][col].set_title(f"{e} epoch{'s' if e > 1 else ''}", fontsize=10)
+        axes[-1][col].set_xlabel("optimizer step")
+        axes[0][col].set_ylim(0, 1.02)  # |cos| lies in [0, 1]
+        for row, (_, label) in enumerate(rows):
+            axes[row][col].grid(alpha=0.3)
+            if col == 0:
+                axes[row][0].set_ylabel(label)
+    handles, labels = next(((h, lb) for ax in axes.flat for h, lb in [ax.get_legend_handles_labels()]
+                            if h), ([], []))
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("The experts over training, at each method's pick (mean over seeds and layers)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write() -> dict:
     by_length = {e: summarise_arm(e) for e in regime.LENGTHS}
     rows = comparisons(by_length)
@@ -223,6 +263,7 @@ def write() -> dict:
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(regime.OUT / "results.json")
     (regime.OUT / "results.md").write_text(markdown(by_length, rows))
+    figure(by_length, regime.OUT / "probe.png")
     return summary
 
 
