@@ -15,7 +15,7 @@ import torch
 
 import omoe
 import train
-from conftest import SHARED, records
+from conftest import SHARED, needs_shared, records
 from model import Transformer
 from plumbing.weights import load_safetensors
 from plumbing import adapters, run_folder
@@ -178,7 +178,7 @@ def test_usage_error_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path}: no config.json in this directory"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/commonsense is not present")
+@needs_shared
 def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
     """A few steps on real ARC-Easy training records, then both eval modes on a subset of every test file."""
     out = tmp_path / "real"
