@@ -49,3 +49,24 @@ def test_every_supported_python_has_the_requires_python_of_pyproject():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'requires-python = ">=3.10,<3.15"' in text
     assert lab_wheels.PYTHONS == tuple(f"3.{m}" for m in range(10, 15))
+
+
+def test_dependencies_follow_the_students_platform_not_this_machines(tmp_path):
+    """pip reads a dependency's markers for the machine it runs on; the script reads them for the folder's
+    platform and Python: a Windows folder gets colorama and no Linux-only NVIDIA wheel, whatever runs it."""
+    import zipfile
+    wheel = tmp_path / "torch-2.13.0-cp312-cp312-win_amd64.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("torch-2.13.0.dist-info/METADATA", "Name: torch\nRequires-Dist: filelock\n"
+                   'Requires-Dist: nvidia-nccl-cu13==2.29.7; platform_system == "Linux"\n'
+                   'Requires-Dist: colorama; platform_system == "Windows"\n'
+                   'Requires-Dist: setuptools; python_version >= "3.12"\n'
+                   'Requires-Dist: opt-einsum>=3.3; extra == "opt-einsum"\n')
+    requirements = lab_wheels.requirements_of(wheel)
+
+    def wanted(system, python):
+        env = lab_wheels.marker_environment(system, python)
+        return [r.name for r in requirements if r.marker is None or r.marker.evaluate(env)]
+    assert wanted("windows", "3.12") == ["filelock", "colorama", "setuptools"]
+    assert wanted("linux", "3.11") == ["filelock", "nvidia-nccl-cu13"]  # PyPI's metadata; the CPU wheel has none
+    assert wanted("macos", "3.13") == ["filelock", "setuptools"]
