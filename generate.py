@@ -10,6 +10,10 @@ The base model is the one the adapters were trained on (their adapter_config.jso
 and the answer streams as it is generated: greedy by default, until the model's end of sequence.
 PEFT LoRA adapter folders work too. Loading and checking the files is plumbing/; the lesson is
 four lines: load the base, add the experts, load their weights, generate.
+
+The embedded tiny model knows only its six tasks: it answers questions written like theirs (the
+first example above; assets/README.md has the six formats), and free-form questions get quiz-shaped
+nonsense. The interactive loop ends with Ctrl-D (Windows: Ctrl-Z, Enter), "exit" or Ctrl-C.
 """
 import sys
 from pathlib import Path
@@ -22,6 +26,12 @@ from model import Transformer
 from plumbing import adapters, cli, hub
 from plumbing.errors import BadInput
 from plumbing.inputs import load_tokenizer, pick_device
+
+EMBEDDED = Path(__file__).resolve().parent / "assets" / "tiny-llama"
+EMBEDDED_HINT = ("the embedded tiny model answers only questions written like its six tasks "
+                 "(assets/README.md), such as: Please answer the following question with true or "
+                 "false, question: can Babal swim? Answer format: true/false")
+LOOP_HINT = "type a question and press Enter; leave with Ctrl-D (Windows: Ctrl-Z, Enter) or exit"
 
 
 def parse_args(argv=None):
@@ -62,6 +72,8 @@ def load(args):
         raise BadInput("--model: the adapters do not say which model they were trained on; name it"
                        if trained else "--model is needed with --no-adapter and no adapter folder")
     model_dir = hub.resolve_model(name, args.revision)
+    if Path(model_dir).resolve() == EMBEDDED:
+        print(EMBEDDED_HINT, file=sys.stderr)
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
@@ -112,12 +124,16 @@ def prompts(args):
             yield from read_prompts(args.file)
         return
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(LOOP_HINT, file=sys.stderr)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
         except EOFError:
             return
-        if not interactive and not line:
+        if not interactive and not line:  # the end of the file or pipe
+            return
+        if interactive and line.strip() in ("exit", "quit"):
             return
         if line.strip():
             yield line.strip()

@@ -283,8 +283,11 @@ def evaluate_during(args, env: Env, inputs: Inputs, model, bar, done: int) -> No
 
 def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, seconds, counts):
     """Evaluate the trained model, save its adapters, print and write the results."""
+    started = cli.announce(env.say, "evaluating the fine-tuned model ...", inputs.eval_sets or
+                           inputs.val_sets)
     after, val_after = ({} if not t else evaluate_all(model, inputs.tokenizer, t, args, env)
                         for t in (inputs.eval_sets, inputs.val_sets))
+    timing = cli.times(seconds, started)  # training, this evaluation, the whole run
     adapters = parallel.adapter_state(model, keep=env.main)
     if not env.main:
         return
@@ -297,13 +300,14 @@ def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, se
         cli.print_diversity(diagnostics_by_block(stats))
     run_folder.write_json(env.out / "results.json", {
         "config": vars(args), "trainable_params": counts[0], "total_params": counts[1],
-        "steps": total_steps, "train_seconds": seconds, "before": before["test"], "after": after,
+        "steps": total_steps, **timing, "before": before["test"], "after": after,
         "val_before": before["val"], "val_after": val_after,
         "average": {k: cli.average(r) for k, r in (("before", before["test"]), ("after", after),
                                                    ("val_before", before["val"]),
                                                    ("val_after", val_after))},
         "environment": run_folder.environment(env.device)})
-    print(f"\nadapters: {env.out / 'adapter'}   results: {env.out / 'results.json'}   "
+    print(f"\n{cli.times_line(timing)}")
+    print(f"adapters: {env.out / 'adapter'}   results: {env.out / 'results.json'}   "
           f"log: {env.out / 'log.jsonl'}")
 
 

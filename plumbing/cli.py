@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,6 +18,7 @@ RECIPE_KEYS = ("rank", "alpha", "dropout", "batch_size", "micro_batch_size", "lr
                "eval_batch_size", "log_every")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # omoe.TARGETS
 ORTH_MODES = ("orthonormal", "orthogonal", "normalized", "none")                        # omoe.ORTH_MODES
+STARTED = time.time()  # when the command line was parsed: the run's start, for its "whole run" time
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,9 +69,10 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
     group = p.add_argument_group("method")
     a("--experts", type=int, default=2, help="LoRA experts per adapted layer")
     a("--top-k", type=int, default=None, help="active experts per token (default: all, soft routing)")
-    a("--orth", choices=ORTH_MODES, default=None, help="what happens to the active experts' outputs: "
-      "orthonormal (OMoE, the default with several experts), orthogonal, normalized (unit length, "
-      "no projections), or none (vanilla MoE-LoRA; the default with --lora)")
+    a("--orth", choices=ORTH_MODES, type=orth_mode, default=None, help="what happens to the active "
+      "experts' outputs: orthonormal (OMoE, the default with several experts), orthogonal, normalized "
+      "(unit length, no projections; normalised is the same), or none (vanilla MoE-LoRA; the default "
+      "with --lora)")
     a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides "
       "--experts); with --orth normalized, a normalised LoRA")
     a("--rank", type=int, help="LoRA rank r of each expert")
@@ -132,6 +135,12 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
     return p
 
 
+def orth_mode(value: str) -> str:
+    """--orth's value, with the British spelling of normalized taken as the same mode: runs, configs
+    and results record the one spelling, normalized."""
+    return "normalized" if value == "normalised" else value
+
+
 def defaults() -> dict:
     """Every flag's default that does not depend on the recipe, as parse_args stores it."""
     p = build_parser(dict.fromkeys(RECIPE_KEYS), dict.fromkeys(RECIPE_KEYS))
@@ -141,6 +150,8 @@ def defaults() -> dict:
 
 def parse_args(argv, paper: dict, embedded: dict):
     """The flags -> args, with the recipe's defaults filled in and every value checked."""
+    global STARTED
+    STARTED = time.time()
     p = build_parser(paper, embedded)
     args = p.parse_args(argv)
     if args.revision is not None and args.model is None:
@@ -269,6 +280,31 @@ def log_line(entry: dict, means: dict) -> str:
             (f", router p {[round(x, 3) for x in means['prob']]} load "
              f"{[round(x, 3) for x in means['load']]}, expert |cos| before Gram-Schmidt "
              f"{means['cos_before']:.3f} after {means['cos_after']:.3f}" if means else ""))
+
+
+def announce(say, line: str, when=True) -> float:
+    """Say what the run starts doing where it would otherwise be silent for a while -> the time."""
+    if when:
+        say(line)
+    return time.time()
+
+
+def times(train_seconds: float, eval_started: float) -> dict:
+    """How long the training, the fine-tuned model's evaluation and the whole command took, in
+    seconds: kept in results.json and printed at the end of the run."""
+    now = time.time()
+    return {"train_seconds": train_seconds, "eval_seconds": now - eval_started,
+            "run_seconds": now - STARTED}
+
+
+def duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
+
+def times_line(t: dict) -> str:
+    return (f"time: training {duration(t['train_seconds'])}, evaluating the fine-tuned model "
+            f"{duration(t['eval_seconds'])}; the whole run {duration(t['run_seconds'])}")
 
 
 def accuracies(results: dict) -> str:

@@ -138,7 +138,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
         except LookupError as e:
             raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}) "
                            f"and the download failed: {e}") from None
-    why = f" and {offline} turns downloads off" if download and offline else ""
+    why = f" and {offline} turns downloads off" if download and offline else \
+        " and huggingface_hub, which downloads it, is not installed" if download and hub is None else ""
     raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}){why}; "
                    f"fetch it with: {_fetch_command(name, revision, hub is not None)}")
 

@@ -62,8 +62,8 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() \
             else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device cuda: CUDA is not available here (torch {torch.__version__}, "
-                       f"built with CUDA {torch.version.cuda or 'none'})")
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise BadInput(f"--device cuda: CUDA is not available here (torch {torch.__version__}, {build})")
     if name == "mps" and not torch.backends.mps.is_available():
         raise BadInput("--device mps: the MPS backend is not available here")
     return torch.device(name)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import sentencepiece as spm
-import tokenizers
 
 from plumbing.errors import BadInput
 from plumbing import hub
@@ -118,7 +117,14 @@ def _load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
-def _load_tokenizer_json(path: Path) -> tokenizers.Tokenizer:
+def _load_tokenizer_json(path: Path):
+    """A tokenizer.json, through the `tokenizers` library, which is optional: the embedded model and
+    every sentencepiece model (LLaMA-1/2, Mistral, TinyLlama) need only sentencepiece."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError(f"{path}: a tokenizer.json needs the tokenizers library: "
+                             f"pip install tokenizers") from None
     try:
         tk = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file

@@ -13,6 +13,8 @@ from model import ModelArgs, Transformer
 from plumbing.weights import save_safetensors
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
+# The tests that read the real commonsense test sets, beside the repository; a fresh clone skips them.
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/commonsense is not present (a fresh clone)")
 
 # Under pytest-xdist (`-n 2`) each worker takes one core: one thread each, for the workers and the train.py,
 # torchrun and notebook processes they start (two threads per process on two shared cores run several times

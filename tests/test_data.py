@@ -14,10 +14,9 @@ import data
 from data import DataError, Example, Tokenizer
 from plumbing.tokenizer import TokenizerError
 from plumbing import datafiles
+from conftest import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
 ROOT = Path(__file__).resolve().parents[1]
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not present (a fresh clone)")
 
 INSTRUCTION = ("Please choose the correct answer to the question: Which is heavier?\n\n"
                "Answer1: a feather Answer2: a rock Answer3: a leaf\n\nAnswer format: answer1/answer2/answer3")

@@ -169,7 +169,7 @@ def lines(report, case: str) -> str:
 def failed(report, failures: int, count: int):
     assert not report.passed
     text = repr(report)
-    assert text.splitlines()[0].endswith(f": {failures} of {count} checks failed (WRONG above).")
+    assert text.splitlines()[0].endswith(f": {failures} of {count} checks failed (WRONG below).")
     assert "Traceback" not in text
     return text
 

@@ -94,6 +94,24 @@ def test_prompts_from_a_file_and_from_standard_input(trained, tiny_model_dir, tm
     assert code == 0 and out.splitlines() == expected[:1]
 
 
+def test_the_loop_says_how_to_leave_it(trained, tiny_model_dir, capsys, monkeypatch):
+    """At a terminal the loop says how to leave it, and "exit" does: the question after it is not asked."""
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    typed = iter([QUESTION, "exit", "never asked"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    code, out, err = ask(capsys, "--adapter", trained / "adapter", "--max-new-tokens", 12)
+    assert code == 0 and err == generate.LOOP_HINT + "\n" and "Ctrl-D" in err
+    assert out.splitlines() == [expected_answer(tiny_model_dir, trained / "adapter", QUESTION)]
+    assert next(typed) == "never asked"
+
+
+def test_the_embedded_model_says_what_it_can_answer(capsys):
+    """Asked with the embedded tiny model, generate.py says (on stderr) which questions it answers."""
+    code, out, err = ask(capsys, "--model", generate.EMBEDDED, "--no-adapter", "--max-new-tokens", 4, "hello")
+    assert code == 0 and err == generate.EMBEDDED_HINT + "\n" and "its six tasks" in err
+    assert out.count("\n") == 1
+
+
 def test_a_peft_folder_and_a_base_named_by_hub_id(trained, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A plain LoRA run saves PEFT's files; its base, recorded as a hub id, is found in a local cache."""
     cache = tmp_path / "hub"

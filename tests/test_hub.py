@@ -448,5 +448,7 @@ def test_without_huggingface_hub_the_message_says_to_install_it(tmp_path, monkey
     with pytest.raises(HubError) as e:
         resolve_model("org/name")
     assert str(e.value) == (f"--model org/name: not in the local Hugging Face cache (looked in "
-                            f"{default_cache(tmp_path)}); fetch it with: pip install "
-                            f"huggingface_hub && {FETCH}")
+                            f"{default_cache(tmp_path)}) and huggingface_hub, which downloads it, is not "
+                            f"installed; fetch it with: pip install huggingface_hub && {FETCH}")
+    snapshot = add_snapshot(default_cache(tmp_path))
+    assert resolve_model("org/name") == snapshot  # a model in the cache needs no huggingface_hub

@@ -604,4 +604,4 @@ def test_one_ridge_for_every_path(top_k, monkeypatch):
     with diagnostics.record_diagnostics(torch.nn.Sequential(m)) as recorder:
         m(x)
     got = next(iter(recorder.summary().values()))["cos_after"]
-    assert got == pytest.approx(float(expected), abs=1e-6)  # the recorder works in float32
+    assert got == pytest.approx(float(expected.detach()), abs=1e-6)  # the recorder works in float32

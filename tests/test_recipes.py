@@ -76,3 +76,15 @@ def test_the_laptop_recipe_trains_at_the_rate_it_names(tiny_model_dir, task_dir,
     rates = [e["lr"] for e in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines()) if "lr" in e]
     assert max(rates) == pytest.approx(lr) and rates[0] == pytest.approx(lr)  # warm-up over by the first log
     assert rates == sorted(rates, reverse=True)  # then it decays
+
+
+def test_the_docs_hold_the_estimates_of_the_script():
+    """docs/real-models.md's memory and time table is benchmarks/estimate_real_models.py's output, and its
+    parameter counts are the released models' (Llama-2-7B's exactly, as above)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("estimate", ROOT / "benchmarks" / "estimate_real_models.py")
+    estimate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(estimate)
+    assert estimate.table() in (ROOT / "docs" / "real-models.md").read_text()
+    assert estimate.counts("meta-llama/Llama-2-7b-hf")[0] == 6_738_415_616
+    assert round(estimate.counts("meta-llama/Llama-3.1-8B")[0] / 1e6) == 8030  # 8.03 B, as released

@@ -251,5 +251,7 @@ def test_the_labs_commands_are_the_studys(study):
         _, team, method, one, three, _ = (cell.strip() for cell in row.split("|"))
         flags = study.METHODS[method]
         lr = {e: picks[e][method]["picked_lr"] for e in ("1", "3")}
-        assert one == f"`python train.py --data assets/world-val {' '.join(flags)} --lr {lr['1']}`".replace("  ", " ")
-        assert three == f"`python train.py --data assets/world-val {' '.join(flags)} --lr {lr['3']} --epochs 3`"
+        run = "--seed 1 --log-every 40 --out runs/" + team  # each its own folder; the study's log steps
+        command = f"`python train.py --data assets/world-val {' '.join(flags)}".replace("  ", " ")
+        assert one == f"{command} --lr {lr['1']} {run}-1ep`"
+        assert three == f"{command} --lr {lr['3']} --epochs 3 {run}-3ep`"

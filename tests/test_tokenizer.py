@@ -2,6 +2,7 @@
 files, the fit with the model, and train.py on a model that ships only a tokenizer.json."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -168,6 +169,18 @@ def test_tokenizer_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: no end-of-sequence token \(no eos_token in "
                                              r"tokenizer_config\.json"):
         Tokenizer(tmp_path)
+
+
+def test_a_tokenizer_json_without_the_tokenizers_library_names_it(tmp_path, monkeypatch):
+    """tokenizers is optional: a model with a tokenizer.json says it is needed, in one line; a sentencepiece
+    model (the embedded one) needs only sentencepiece."""
+    byte_level_bpe(tmp_path / "json", "smollm2")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed: import fails
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer(tmp_path / "json")
+    assert str(e.value) == (f"{tmp_path / 'json' / 'tokenizer.json'}: a tokenizer.json needs the tokenizers "
+                            f"library: pip install tokenizers")
+    assert Tokenizer(train.ASSETS / "tiny-llama").encode("Babal") != []
 
 
 def test_tokenizer_must_fit_the_model(tmp_path):

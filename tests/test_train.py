@@ -15,7 +15,7 @@ import torch
 
 import omoe
 import train
-from conftest import SHARED, records
+from conftest import SHARED, needs_shared, records
 from model import Transformer
 from plumbing.weights import load_safetensors
 from plumbing import adapters, run_folder
@@ -33,10 +33,17 @@ def losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-def test_short_run_trains_saves_and_reloads(tiny_model_dir, task_dir, tmp_path):
+def test_short_run_trains_saves_and_reloads(tiny_model_dir, task_dir, tmp_path, capsys):
     out = tmp_path / "out"
+    started = time.time()
     assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, "--max-steps", 6, *QUICK) == 0
     results = json.loads((out / "results.json").read_text())
+    # The run says when it evaluates the trained model, and how long each part took.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed.index("evaluating the fine-tuned model ...") < printed.index("test")
+    assert 0 < results["train_seconds"] and 0 < results["eval_seconds"]
+    assert results["train_seconds"] + results["eval_seconds"] < results["run_seconds"] <= time.time() - started
+    assert printed[-2].startswith("time: training ") and "evaluating the fine-tuned model" in printed[-2]
     assert set(results["before"]) == set(results["after"]) == {"alpha", "beta"}
     assert results["config"]["experts"] == 2 and results["steps"] == 6
     steps = losses(out)
@@ -171,7 +178,7 @@ def test_usage_error_has_no_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"train.py: error: {tmp_path}: no config.json in this directory"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/commonsense is not present")
+@needs_shared
 def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
     """A few steps on real ARC-Easy training records, then both eval modes on a subset of every test file."""
     out = tmp_path / "real"
@@ -187,9 +194,21 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
     assert all(0 <= r["no_label"] <= r["n"] == 2 for r in gen.values())
 
 
+@pytest.mark.parametrize("cuda, build", [(None, "a CPU-only build"), ("12.8", "built with CUDA 12.8")])
+def test_missing_cuda_names_the_torch_build(monkeypatch, cuda, build):
+    """A CPU-only torch is called that; a CUDA build that finds no GPU names its CUDA."""
+    from plumbing.errors import BadInput
+    from plumbing.inputs import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    with pytest.raises(BadInput, match=rf"--device cuda: CUDA is not available here \(torch .*, {build}\)$"):
+        pick_device("cuda")
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--lora"], {"experts": 1, "top_k": None, "orth": "none"}),
     (["--orth", "none"], {"experts": 2, "top_k": None, "orth": "none"}),
+    (["--orth", "normalised"], {"experts": 2, "top_k": None, "orth": "normalized"}),  # either spelling
     (["--experts", "4", "--top-k", "2", "--aux-loss-coef", "0.01", "--orth", "orthogonal"],
      {"experts": 4, "top_k": 2, "orth": "orthogonal"}),
 ])

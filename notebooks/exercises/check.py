@@ -367,7 +367,7 @@ def update_lengths(fn, N=200, K=3, D=64) -> Report:
         worst = max(float((lengths["orthonormal", t, s] - 1).abs().max()) for t, s in above)
         how = f"|update| = sqrt(Σ g²) to {worst:.1e} for every token, every B scale and s with s·t >= 0.5"
         (report.ok if worst < 1e-3 else report.fail)("orthonormal", "length", how)
-        first = lengths["normalized", *above[0]]
+        first = lengths[("normalized", *above[0])]
         spread = max(float((lengths["normalized", t, s] - first).abs().max()) for t, s in above)
         ratio = float(first.median())
         how = (f"the same per token for every B scale and s with s·t >= 0.5 (to {spread:.1e}), but not sqrt(Σ g²): "

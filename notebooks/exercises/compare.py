@@ -48,7 +48,7 @@ class Report:
         elif self.passed:
             summary = f"all {self.count} checks passed."
         else:
-            summary = f"{self.failures} of {self.count} checks failed (WRONG above)."
+            summary = f"{self.failures} of {self.count} checks failed (WRONG below)."
         return "\n".join([f"{self.title}: {summary}", *self.lines])
 
 
