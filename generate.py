@@ -19,9 +19,10 @@ import torch
 import data
 import omoe
 from model import Transformer
-from plumbing import adapters, cli, hub
-from plumbing.errors import BadInput
-from plumbing.inputs import load_tokenizer, pick_device
+from plumbing.base import hub
+from plumbing import adapters, cli
+from plumbing.base.errors import BadInput
+from plumbing.gate import load_tokenizer, pick_device
 
 
 def parse_args(argv=None):

@@ -25,8 +25,8 @@ import omoe
 from model import Transformer
 from plumbing import cli, parallel, run_folder
 from plumbing.diagnostics import diagnostics_by_block, mean_diagnostics, record_diagnostics
-from plumbing.errors import TrainingDiverged
-from plumbing.inputs import Env, Inputs, experts_of, load_inputs, setup, warmup_steps
+from plumbing.base.errors import TrainingDiverged
+from plumbing.gate import Env, Inputs, experts_of, load_inputs, setup, warmup_steps
 
 # Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
 # LLaMA (assets/), which a laptop CPU fine-tunes in about two minutes. A flag given always wins.

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 import omoe
 from plumbing import peft_format
-from plumbing.checks import check_layer_args, check_regular_file
-from plumbing.errors import BadInput
-from plumbing.weights import load_safetensors, save_safetensors
+from plumbing.base.checks import check_layer_args, check_regular_file
+from plumbing.base.errors import BadInput
+from plumbing.base.weights import load_safetensors, save_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
 OMOE_WEIGHTS = "omoe_model.safetensors"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from plumbing import parallel, run_folder
-from plumbing.errors import BadInput, RunFailed
+from plumbing.base.errors import BadInput, RunFailed
 
 # Flags whose default depends on the recipe (train.PAPER with --model, train.EMBEDDED without).
 RECIPE_KEYS = ("rank", "alpha", "dropout", "batch_size", "micro_batch_size", "lr", "epochs", "warmup",

@@ -6,7 +6,7 @@
                     with a SHA-256 of every entry, verified before a resume uses it
     log.jsonl       one JSON line per logged step; a resume first cuts it back to the checkpoint's step
     results.json    written atomically at the end (eval-<data>.json: an --eval-only evaluation)
-    adapter/        adapter_config.json + the adapter weights (per-tensor checksums, see weights.py)
+    adapter/        adapter_config.json + the adapter weights (per-tensor checksums, see base/weights.py)
 
 An --out that holds a run needs --resume or --overwrite, and --overwrite deletes nothing until every
 input was checked. A run's folder is kept apart from its inputs: it never is, holds or lies inside the
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from plumbing import adapters
-from plumbing.errors import BadInput, RunFailed
-from plumbing.weights import load_refusal, tensor_sha256
+from plumbing.base.errors import BadInput, RunFailed
+from plumbing.base.weights import load_refusal, tensor_sha256
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "results.json", "adapter")
 LOCK, MANIFEST = ".omoe-lock", ".omoe-files"

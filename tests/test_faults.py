@@ -23,7 +23,7 @@ import torch
 import train
 from conftest import records
 from plumbing import run_folder
-from plumbing.weights import load_safetensors, save_safetensors
+from plumbing.base.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",

@@ -16,7 +16,7 @@ import omoe
 import train
 from model import Transformer, sample
 from plumbing import adapters
-from plumbing.tokenizer import Tokenizer
+from plumbing.base.tokenizer import Tokenizer
 
 QUICK = ["--batch-size", "8", "--micro-batch-size", "4", "--warmup", "2", "--lr", "1e-2", "--rank", "4",
          "--eval-limit", "2", "--log-every", "1", "--skip-base-eval"]

@@ -1,4 +1,4 @@
-"""plumbing/hub.py: model names -> local directories, through caches built in tmp_path.
+"""plumbing/base/hub.py: model names -> local directories, through caches built in tmp_path.
 
 No test touches the network or the real ~/.cache: every test starts with the cache variables
 unset, HOME in tmp_path and HF_HUB_OFFLINE=1; the download tests replace
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plumbing.hub import NEEDED, HubError, cache_dirs, resolve_model
+from plumbing.base.hub import NEEDED, HubError, cache_dirs, resolve_model
 
 MAIN = "a" * 40  # commits: the names of snapshots/ folders
 OTHER = "b" * 40

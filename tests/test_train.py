@@ -17,7 +17,7 @@ import omoe
 import train
 from conftest import SHARED, records
 from model import Transformer
-from plumbing.weights import load_safetensors
+from plumbing.base.weights import load_safetensors
 from plumbing import adapters, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]

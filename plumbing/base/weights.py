@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing.errors import BadInput
+from plumbing.base.errors import BadInput
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,

@@ -35,7 +35,7 @@ import shlex
 from pathlib import Path
 from types import ModuleType
 
-from plumbing.errors import BadInput
+from plumbing.base.errors import BadInput
 
 # Glob patterns of the files a run needs (snapshot_download's allow_patterns). The weights are
 # "model*.safetensors" rather than "*.safetensors": save_pretrained names them model.safetensors or

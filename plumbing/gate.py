@@ -14,9 +14,10 @@ import data
 import omoe
 from data import MAX_NEW_TOKENS
 from model import Transformer, load_config
-from plumbing import adapters, cli, config, datafiles, hub, parallel, run_folder
-from plumbing.errors import BadInput
-from plumbing.tokenizer import Tokenizer, check_tokenizer_fits
+from plumbing.base import config, datafiles, hub
+from plumbing import adapters, cli, parallel, run_folder
+from plumbing.base.errors import BadInput
+from plumbing.base.tokenizer import Tokenizer, check_tokenizer_fits
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 import sentencepiece as spm
 import tokenizers
 
-from plumbing.errors import BadInput
-from plumbing import hub
+from plumbing.base.errors import BadInput
+from plumbing.base import hub
 
 
 class TokenizerError(BadInput):
