@@ -36,7 +36,7 @@ def layer(name: str) -> str | None:
 
 
 def test_the_layers_are_what_the_readme_says():
-    assert BASE == ["checks", "config", "datafiles", "errors", "hub", "tokenizer", "weights"]
+    assert BASE == ["checks", "config", "datafiles", "errors", "files", "hub", "tokenizer", "weights"]
     assert ABOVE == ["adapters", "cli", "diagnostics", "gate", "parallel", "peft_format", "run_folder"]
     table = (ROOT / "plumbing" / "README.md").read_text()
     for name in BASE:

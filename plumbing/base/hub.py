@@ -58,6 +58,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # A hub id, as huggingface_hub validates it: "name" or "org/name", each part ASCII letters, digits,
 # "_", "-" or ".", starting and ending with a letter, digit or "_" (plus the rules in is_hub_id).
 HUB_ID = re.compile(r"(\w([\w.-]*\w)?/)?\w([\w.-]*\w)?", re.ASCII)
+# A revision as git names a branch or tag (refs/pr/1 included) or a commit: a name, never a path.
+REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*", re.ASCII)
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit hash: the names of snapshots/ folders
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as true in HF_HUB_OFFLINE
 EXPECTED = "a Hugging Face LLaMA directory or a hub model name such as meta-llama/Llama-2-7b-hf"
@@ -119,6 +121,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
     or huggingface_hub is not installed: then the message gives the command that fetches it).
     `revision` is a branch, a tag or a commit hash; None means "main"."""
     name = os.fspath(name)
+    if revision is not None:
+        check_revision(revision)
     path = Path(name)
     if path.is_dir():  # a local directory wins over a hub id of the same name
         return _local_folder(path, name, revision)
@@ -155,6 +159,12 @@ def _local_folder(path: Path, name: str, revision: str | None) -> Path:
         raise HubError(f"--model {name}: a local folder has no revisions; drop --revision "
                        f"{revision}, or name a hub model or a models--org--name cache folder")
     return path
+
+
+def check_revision(revision: str) -> None:
+    """--revision is looked up under refs/ and sent to the Hub: it must be a name, never a path."""
+    if not REVISION.fullmatch(revision) or ".." in revision or len(revision) > 255:
+        raise HubError(f"--revision {revision!r}: not a branch, tag or commit name")
 
 
 def is_hub_id(name: str) -> bool:
@@ -196,8 +206,7 @@ def _snapshot(folder: Path, revision: str | None) -> Path:
     if not snapshots.is_dir():
         raise LookupError(f"{folder} has no snapshots")
     ref = folder / "refs" / (revision or "main")
-    # ".." cannot appear in a git ref name, and would lead out of refs/.
-    if ".." not in (revision or "") and ref.is_file():
+    if ref.is_file():  # check_revision keeps it inside refs/
         commit = ref.read_text().strip()
         if not commit or not (snapshots / commit).is_dir():
             raise LookupError(f"{ref} names snapshot {commit!r}, which is not in {snapshots}")

@@ -24,12 +24,12 @@ import json
 import mmap
 import os
 import re
-import secrets
 import struct
 from pathlib import Path
 
 import torch
 
+from plumbing.base import files
 from plumbing.base.errors import BadInput
 
 DTYPES = {
@@ -88,18 +88,12 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None, checksum
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # spaces, so that the data section starts 8-byte aligned
 
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in offsets:
-                f.write(_bytes_of(tensors[name]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in offsets:
+            f.write(_bytes_of(tensors[name]))
+    files.write_file(path, write)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
