@@ -60,7 +60,7 @@ def report(args, env, inputs, test: dict, val: dict) -> None:
     run_folder.write_json(inputs.results, {
         "config": vars(args), "adapter": inputs.adapter[0], "base": inputs.base, "after": test,
         "val_after": val, "average": {"after": cli.average(test), "val_after": cli.average(val)},
-        "environment": run_folder.environment(env.device)}, replace=False)
+        "environment": run_folder.environment(env.device)}, replace=args.overwrite)
     print(f"\nresults: {inputs.results}")
 
 

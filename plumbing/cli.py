@@ -152,12 +152,14 @@ def parse_eval_args(argv):
     p.add_argument("--eval-limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--skip-test-eval", action="store_true", help="validation only")
     p.add_argument("--out", default="out", help="the folder of eval-<data>.json (beside a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier eval-<data>.json "
+                   "(that file only)")
     p.add_argument("--seed", type=int, default=0, help="seed (evaluation draws nothing at random)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="of the base (auto: bfloat16 on CUDA)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base")
-    p.set_defaults(eval_only=True, data=None, overwrite=False)
+    p.set_defaults(eval_only=True, data=None)
     args = p.parse_args(argv)
     for flag, low in (("--eval-batch-size", 1), ("--eval-limit", 1)):
         value = getattr(args, flag[2:].replace("-", "_"))

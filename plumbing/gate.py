@@ -318,9 +318,9 @@ def load_evaluation(args, env: Env) -> Inputs:
     check_lengths(args, model_args, tokenizer, [], {"test": eval_sets, "val": val_sets},
                   model_dir / "config.json")
     results = env.out / f"eval-{results_name(eval_path)}.json"
-    if results.exists() or results.is_symlink():
-        raise BadInput(f"--out {env.out} holds {results.name} from an earlier evaluation: choose "
-                       f"another --out, or move that file away")
+    if (results.exists() or results.is_symlink()) and not args.overwrite:
+        raise BadInput(f"--out {env.out} holds {results.name} from an earlier evaluation: replace "
+                       f"it with --overwrite (that file only), or choose another --out")
     return Inputs(model_dir, model_args, tokenizer, eval_sets, val_sets, [], "", env.out /
                   "checkpoint.pt", None, adapter, base.record, {}, results)
 

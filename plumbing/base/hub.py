@@ -63,6 +63,9 @@ REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*", re.ASCII)
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit hash: the names of snapshots/ folders
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as true in HF_HUB_OFFLINE
 EXPECTED = "a Hugging Face LLaMA directory or a hub model name such as meta-llama/Llama-2-7b-hf"
+# Seconds a request to the Hub may wait for an answer: huggingface_hub's own client waits forever,
+# so a proxy that never answers would hang the run.
+TIMEOUT = 60
 
 
 class HubError(BadInput):
@@ -141,7 +144,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
             return _download(hub, name, revision, caches[0])
         except LookupError as e:
             raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}) "
-                           f"and the download failed: {e}") from None
+                           f"and the download failed: {e}; fetch it with: "
+                           f"{_fetch_command(name, revision, True)}") from None
     why = f" and {offline} turns downloads off" if download and offline else ""
     raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}){why}; "
                    f"fetch it with: {_fetch_command(name, revision, hub is not None)}")
@@ -290,19 +294,41 @@ def _download(hub: ModuleType, repo_id: str, revision: str | None, cache_dir: Pa
     BIN_WEIGHTS (the files already fetched are not fetched again). This costs nothing in the
     common case, unlike asking the Hub for the repository's file list first, and keeps every
     error coming from snapshot_download, which turns network failures into its own errors."""
+    restore = _time_limit(hub)
     try:
         folder = Path(hub.snapshot_download(repo_id=repo_id, revision=revision,
-                                            cache_dir=cache_dir, allow_patterns=list(NEEDED)))
+                                            cache_dir=cache_dir, allow_patterns=list(NEEDED),
+                                            etag_timeout=TIMEOUT))
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
             folder = Path(hub.snapshot_download(repo_id=repo_id, revision=revision,
-                                                cache_dir=cache_dir,
+                                                cache_dir=cache_dir, etag_timeout=TIMEOUT,
                                                 allow_patterns=list(NEEDED + BIN_WEIGHTS)))
     except Exception as e:  # the network library's errors vary with huggingface_hub's version
         raise LookupError(_hub_failure(e, repo_id, revision)) from None
+    finally:
+        restore()
     missing = _missing(folder)
     if missing:
         raise LookupError(f"{folder} lacks {' and '.join(missing)}")
     return folder
+
+
+def _time_limit(hub: ModuleType):
+    """Make every request of huggingface_hub's client wait at most TIMEOUT for an answer (it waits
+    forever by default); returns what puts its default back. Versions without a client factory
+    (before 1.0) have their own timeouts."""
+    try:
+        from huggingface_hub.utils import _http
+        default = _http.default_client_factory
+    except (ImportError, AttributeError):
+        return lambda: None
+
+    def client():
+        c = default()
+        c.timeout = TIMEOUT
+        return c
+    hub.set_client_factory(client)
+    return lambda: hub.set_client_factory(default)
 
 
 def _hub_failure(e: Exception, repo_id: str, revision: str | None) -> str:
@@ -317,7 +343,8 @@ def _hub_failure(e: Exception, repo_id: str, revision: str | None) -> str:
         return f"no repository {repo_id} on the Hub (if it is private, {login})"
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{repo_id} has no revision {repr(revision or 'main')} on the Hub"
-    if isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+    network = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+    if network or isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
         # snapshot_download raises LocalEntryNotFoundError from the network error it met.
         return f"cannot reach the Hub ({_one_line(e.__cause__ or e)})"
     return _one_line(e)
