@@ -187,10 +187,8 @@ def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, schedul
             done = step + 1
             record = done % args.log_every == 0
             loss, tokens, recorder = train_step(args, env, inputs, model, train_model, step, record)
-            if not math.isfinite(loss):
-                last = run_folder.last_checkpoint(inputs.ckpt_path)
-                raise TrainingDiverged(f"step {done}: the loss is {loss}; stopping. The last good "
-                                       f"checkpoint is {last}")
+            if not math.isfinite(loss):  # and which checkpoint, if any, holds finite weights
+                raise TrainingDiverged(run_folder.diverged(inputs.ckpt_path, done, loss))
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()

@@ -159,7 +159,7 @@ def parse_eval_args(argv):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="of the base (auto: bfloat16 on CUDA)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base")
-    p.set_defaults(eval_only=True, data=None)
+    p.set_defaults(eval_only=True, data=None, val_fraction=None)
     args = p.parse_args(argv)
     for flag, low in (("--eval-batch-size", 1), ("--eval-limit", 1)):
         value = getattr(args, flag[2:].replace("-", "_"))

@@ -22,6 +22,7 @@ from model import Transformer, load_config
 from plumbing import adapters, cli, parallel, run_folder
 from plumbing.base import config, datafiles, hub
 from plumbing.base.errors import BadInput
+from plumbing.base.weights import checkpoint_names, open_weights
 from plumbing.base.tokenizer import Tokenizer, check_tokenizer_fits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,17 @@ def load_base(name, revision, tokenizer, flag: str = "--model") -> Base:
         raise BadInput(f"--tokenizer {tokenizer}: no such file or directory")
     tok = Tokenizer(tokenizer or model_dir)
     check_tokenizer_fits(tok, model_args.vocab_size, model_dir / "config.json")
+    check_weights(model_dir, model_args)
     return Base(model_dir, model_args, tok, base_record(name, revision, model_dir))
+
+
+def check_weights(model_dir: Path, model_args) -> None:
+    """The weight files' names, shapes and dtypes against config.json, from their headers (on the
+    meta device: no memory), so that a mismatch is refused before any work, not after it."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    with open_weights(model_dir) as reader:
+        checkpoint_names(model.state_dict(), reader, model_dir, model_args.tie_embeddings)
 
 
 def base_record(name: str, revision, model_dir: Path) -> dict:

@@ -475,5 +475,23 @@ class Window:
         self.__init__()
 
 
+def diverged(path: Path, done: int, loss: float) -> str:
+    """What to say when the loss of step `done` is not finite. A checkpoint is named as one to go
+    back to only if its weights are finite, and the one saved just before is said to be the one
+    whose weights gave this loss (resuming it would give the same loss again)."""
+    head = f"step {done}: the loss is {loss}; stopping. "
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        finite = all(torch.isfinite(t).all() for t in ckpt["adapters"].values())
+    except Exception:  # unreadable or not ours: not a checkpoint to go back to
+        ckpt, finite = None, False
+    if ckpt is None or not finite:
+        return head + f"No checkpoint with finite weights was written ({last_checkpoint(path)})"
+    if ckpt["step"] == done - 1:
+        return head + (f"{path} holds step {ckpt['step']}, whose weights gave this loss: resuming "
+                       f"it would give it again; start over with a lower --lr")
+    return head + f"The last checkpoint with finite weights is {path} (step {ckpt['step']})"
+
+
 def last_checkpoint(path: Path) -> str:
     return f"{path}" + ("" if path.exists() else " (none written yet)")

@@ -149,7 +149,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, case
         write(bad, data[case])
     argv = ["--model", tiny_model_dir, "--data", bad, "--out", tmp_path / "out"]
     argv += {"no such data": ["--data", tmp_path / "nowhere.json"], "top-k": ["--top-k", 3],
-             "eval-only": ["--eval-only", "--adapter", tmp_path], "out": ["--out", write(tmp_path / "file", "x") / "sub"],
+             "eval-only": ["--eval-only", "--adapter", tmp_path],
+             "out": ["--out", write(tmp_path / "file", "x") / "sub"],
              "cuda": ["--device", "cuda"], "no model": ["--model", tmp_path / "missing-model"]}.get(case, [])
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
