@@ -29,7 +29,7 @@ from plumbing.base.weights import load_safetensors, save_safetensors
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
 OMOE_WEIGHTS = "omoe_model.safetensors"
 LAYOUT_KEYS = ("targets", "experts", "top_k", "rank", "alpha", "dropout", "orth", "lora_targets")
-KNOWN_KEYS = ("format_version", "base_model_name_or_path", "revision", *LAYOUT_KEYS)
+KNOWN_KEYS = ("format_version", "base_model_name_or_path", "revision", "identity", *LAYOUT_KEYS)
 
 
 def adapter_config(model: nn.Module) -> dict:
@@ -86,7 +86,8 @@ def save_adapters(model: nn.Module, directory, base_model: str | dict | None = N
                   state: dict | None = None) -> None:
     """Write the adapters into `directory`, PEFT's files for a plain LoRA, else ours (see above).
     base_model is recorded as base_model_name_or_path (a dict: with its "revision", as
-    plumbing/gate.py's base_record makes it); state: the weights if not the model's own
+    plumbing/gate.py's base_record makes it, and the run's "identity", written into our config);
+    state: the weights if not the model's own
     (those of a sharded model, gathered: plumbing/parallel.py). The folder is written beside its
     place and moved there once complete: a failure (a full disk) keeps what was there."""
     directory = Path(directory)
@@ -105,7 +106,8 @@ def save_adapters(model: nn.Module, directory, base_model: str | dict | None = N
     else:
         config = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base_model,
                   **({"revision": record["revision"]} if record["revision"] else {}),
-                  **adapter_config(model)}
+                  **adapter_config(model),
+                  **({"identity": record["identity"]} if record.get("identity") else {})}
         weights = OMOE_WEIGHTS
     files.make_folder(directory.parent)
     tmp = files.temporary_folder(directory)  # the user's umask, not tempfile's 0700

@@ -20,7 +20,7 @@ import omoe
 from data import MAX_NEW_TOKENS
 from model import Transformer, load_config
 from plumbing import adapters, cli, parallel, run_folder
-from plumbing.base import config, datafiles, hub
+from plumbing.base import config, datafiles, files, hub
 from plumbing.base.errors import BadInput
 from plumbing.base.weights import checkpoint_names, open_weights
 from plumbing.base.tokenizer import Tokenizer, check_tokenizer_fits
@@ -62,7 +62,7 @@ class Inputs:
     ckpt_path: Path
     ckpt: dict | None      # the checkpoint to resume
     adapter: tuple | None  # (config, weights) of --adapter for an evaluation
-    base: dict             # the base as the adapters record it (base_record)
+    base: dict             # the base as the adapters record it (base_record), with the identity
     identity: dict         # what the run is: base, tokenizer, data, evaluation (run_identity)
     results: Path          # results.json, or eval-<data>.json for an evaluation
     notes: list = field(default_factory=list)  # what to say once every check has passed
@@ -135,13 +135,14 @@ def load_base(name, revision, tokenizer, flag: str = "--model") -> Base:
         raise BadInput(f"--tokenizer {tokenizer}: no such file or directory")
     tok = Tokenizer(tokenizer or model_dir)
     check_tokenizer_fits(tok, model_args.vocab_size, model_dir / "config.json")
-    check_weights(model_dir, model_args)
     return Base(model_dir, model_args, tok, base_record(name, revision, model_dir))
 
 
 def check_weights(model_dir: Path, model_args) -> None:
     """The weight files' names, shapes and dtypes against config.json, from their headers (on the
-    meta device: no memory), so that a mismatch is refused before any work, not after it."""
+    meta device: no memory), so that a mismatch is refused before any work, not after it. Called
+    once the model's size was checked (config.check_memory): a config of 10^12 layers would take
+    hours to build even on the meta device."""
     with torch.device("meta"):
         model = Transformer(model_args)
     with open_weights(model_dir) as reader:
@@ -222,6 +223,7 @@ def load_inputs(args, env: Env) -> Inputs:
                                      "--val-data": args.val_data}, overwrite=args.overwrite)
     shards = env.world if args.fsdp else 1
     config.check_memory(model_args, env.dtype, env.device, model_dir / "config.json", shards)
+    check_weights(model_dir, model_args)
     trainable = count_adapters(model_args, experts_of(args), f"--targets {','.join(args.targets)}")
     # float32 weights, their gradients and AdamW's two moments
     config.check_memory(model_args, env.dtype, env.device, model_dir / "config.json", shards,
@@ -256,7 +258,8 @@ def load_inputs(args, env: Env) -> Inputs:
                  f"{args.cutoff_len}: {counts['truncated']} had the start of their prompt cut, "
                  f"{counts['dropped']} were left out")
     inputs = Inputs(model_dir, model_args, tokenizer, eval_sets, val_sets, train_items, fingerprint,
-                    ckpt_path, ckpt, None, base.record, identity, env.out / "results.json", notes)
+                    ckpt_path, ckpt, None, {**base.record, "identity": identity}, identity,
+                    env.out / "results.json", notes)
     if ckpt is not None:
         resumed(args, env, inputs)
     for note in inputs.notes:
@@ -316,6 +319,7 @@ def load_evaluation(args, env: Env) -> Inputs:
     adapter = load_adapter(args.adapter)
     shards = env.world if getattr(args, "fsdp", False) else 1
     config.check_memory(model_args, env.dtype, env.device, model_dir / "config.json", shards)
+    check_weights(model_dir, model_args)
     trainable = check_adapter_fits(base, adapter, args.adapter)
     config.check_memory(model_args, env.dtype, env.device, model_dir / "config.json", shards,
                         extra=trainable * 4)
@@ -340,7 +344,7 @@ def results_name(eval_path) -> str:
     """The data's name, as data.load_tasks names a task: dataset/ARC-Easy/test.json -> ARC-Easy."""
     where = Path(eval_path)
     name = where.parent.name if where.stem in ("train", "val", "test") else where.stem
-    return name or "data"
+    return files.check_name("--eval-data", name or "data", "name for eval-<data>.json")
 
 
 # ── Generation: the base, the adapters, and each prompt ─────────────────────────────────────────
@@ -376,6 +380,7 @@ def load_generation(args) -> tuple[Base, tuple | None, torch.device, torch.dtype
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     config.check_memory(base.model_args, dtype, device, base.model_dir / "config.json")
+    check_weights(base.model_dir, base.model_args)
     adapter = None
     if not args.no_adapter:
         adapter = load_adapter(args.adapter)

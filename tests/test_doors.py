@@ -324,6 +324,9 @@ def test_the_embedded_model_is_recorded_by_name(tmp_path):
                              "--eval-limit", "1", "--skip-base-eval"]) == 0
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "assets/tiny-llama"
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert config["identity"] == checkpoint["identity"] and set(config["identity"]) == {
+        "base", "tokenizer", "data", "evaluation"}
     assert gate.recorded_base({"base_model": "assets/tiny-llama"}) == str(ROOT / "assets" / "tiny-llama")
 
 
