@@ -22,12 +22,14 @@ from model import Transformer, load_config
 from plumbing import adapters, cli, parallel, run_folder
 from plumbing.base import config, datafiles, files, hub
 from plumbing.base.errors import BadInput
-from plumbing.base.weights import checkpoint_names, open_weights
 from plumbing.base.tokenizer import Tokenizer, check_tokenizer_fits
+from plumbing.base.weights import checkpoint_names, open_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded model is recorded by this name, so that its adapters work from another clone.
 EMBEDDED, EMBEDDED_DATA = "assets/tiny-llama", "assets/world"
+
+
 @dataclass
 class Env:
     """Where and how this process runs."""

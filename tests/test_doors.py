@@ -453,3 +453,15 @@ def test_a_unigram_tokenizer_without_an_unknown_token_is_refused(tmp, capsys):
     tk.save(str(tmp / "tokenizer.json"))
     refused(capsys, tmp, "train", [*DOORS["train"][2](tmp), "--tokenizer", tmp / "tokenizer.json"],
             f"{tmp / 'tokenizer.json'}: its Unigram model's unknown token None is not in its vocabulary")
+
+
+def test_the_base_is_recorded_so_that_it_is_found_from_anywhere(tmp_path, monkeypatch):
+    """A hub id with the commit found (not "main", which moves), a folder resolved (not as typed)."""
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    assert gate.base_record("org/name", None, snapshot) == {"base_model_name_or_path": "org/name",
+                                                            "revision": "a" * 40}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama").mkdir()
+    assert gate.base_record("./llama", None, Path("./llama")) == {
+        "base_model_name_or_path": str((tmp_path / "llama").resolve()), "revision": None}
