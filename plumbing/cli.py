@@ -268,8 +268,6 @@ def contradictions(args) -> list[tuple[bool, str]]:
          f"{args.micro_batch_size}"),
         (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be in [0, 2^64)"),
         (not args.targets, f"--targets {','.join(args.targets)!r}: names no layer"),
-        (args.data is None and not args.eval_only, "--data is needed with --model (a JSON file of "
-                                                   "training records, or a folder of <task>/train.json)"),
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue "
                                          "the run, or replace it"),

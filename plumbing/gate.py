@@ -91,6 +91,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def setup(args, training: bool = True) -> Env:
     """Device, processes, precision, and --out: locked for this run or evaluation (nothing deleted
     yet). An evaluation writes its own file beside a run, so it needs no --resume or --overwrite."""
+    if training and args.data is None:  # the paper's recipe names no default data
+        raise BadInput("--data is needed with --model (a JSON file of training records, or a "
+                       "folder of <task>/train.json)")
     rank, world, device = parallel.setup(pick_device(args.device))
     if training and args.batch_size % (args.micro_batch_size * world):
         raise BadInput(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
