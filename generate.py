@@ -100,7 +100,7 @@ def typed():
             return
         except UnicodeDecodeError as e:
             raise BadInput(f"standard input: not UTF-8 text (byte 0x{e.object[e.start]:02x}; "
-                                f"a Latin-1 terminal or file?)") from None
+                           f"a Latin-1 terminal or file?)") from None
         if not interactive and not line:
             return
         if line.strip():
