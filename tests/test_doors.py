@@ -5,6 +5,7 @@ The matrix crosses the doors with the classes of bad input (missing, wrong kind,
 too long, special file, symbolic link, not UTF-8): a new door added to DOORS inherits every case. Then a
 test for each cause the gate closes, door by door."""
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import generate
 import train
 from conftest import records
 from plumbing import gate, run_folder
+from plumbing.base import files
 from plumbing.base.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,3 +467,15 @@ def test_the_base_is_recorded_so_that_it_is_found_from_anywhere(tmp_path, monkey
     (tmp_path / "llama").mkdir()
     assert gate.base_record("./llama", None, Path("./llama")) == {
         "base_model_name_or_path": str((tmp_path / "llama").resolve()), "revision": None}
+
+
+def test_a_file_created_exclusively_without_hard_links(tmp_path, monkeypatch):
+    """A file system without hard links: the name is claimed exclusively, then the file moved over it."""
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(files.os, "link", no_links)
+    files.write_file(tmp_path / "a.json", lambda f: f.write(b"1"), replace=False)
+    assert (tmp_path / "a.json").read_bytes() == b"1"
+    with pytest.raises(FileExistsError):
+        files.write_file(tmp_path / "a.json", lambda f: f.write(b"2"), replace=False)
+    assert (tmp_path / "a.json").read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["a.json"]

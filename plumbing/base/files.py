@@ -7,6 +7,7 @@ replaces a link itself, never what it points to, and a kill at any moment leaves
 new one. Files and folders get the user's umask, as any other tool's would (a teammate can read them
 where the umask lets them). Names that come from the user are checked as names, never used as paths.
 """
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -36,9 +37,23 @@ def write_file(path, write, replace: bool = True) -> None:
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path, follow_symlinks=False)
+            _link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link(tmp: Path, path: Path) -> None:
+    """Put `tmp` at `path` only if no name `path` exists. A file system without hard links gets
+    the name claimed exclusively first, then the file renamed over its claim."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.close(os.open(path, NEW, 0o666))
+        os.replace(tmp, path)
 
 
 def append_line(path, line: str) -> None:
