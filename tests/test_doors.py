@@ -330,6 +330,11 @@ def test_the_embedded_model_is_recorded_by_name(tmp_path):
     assert config["identity"] == checkpoint["identity"] and set(config["identity"]) == {
         "base", "tokenizer", "data", "evaluation"}
     assert gate.recorded_base({"base_model": "assets/tiny-llama"}) == str(ROOT / "assets" / "tiny-llama")
+    # evaluate.py with no --model and no --eval-data: the embedded model, on its own tasks
+    assert call(evaluate.main, ["--adapter", tmp_path / "run" / "adapter", "--out", tmp_path / "run",
+                                "--eval-limit", "1"]) == 0
+    assert set(json.loads((tmp_path / "run" / "eval-world.json").read_text())["after"]) == set(
+        json.loads((tmp_path / "run" / "results.json").read_text())["after"])
 
 
 def test_resume_refuses_another_tokenizer(world, tmp, capsys):
