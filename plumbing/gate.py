@@ -21,6 +21,7 @@ from data import MAX_NEW_TOKENS
 from model import Transformer, load_config
 from plumbing import adapters, cli, parallel, run_folder
 from plumbing.base import config, datafiles, files, hub
+from plumbing.base.checks import check_regular_file
 from plumbing.base.errors import BadInput
 from plumbing.base.tokenizer import Tokenizer, check_tokenizer_fits
 from plumbing.base.weights import checkpoint_names, open_weights
@@ -176,8 +177,8 @@ def read_adapter_record(directory) -> dict:
     named with the fix."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BadInput(f"--adapter {directory}: no such directory (a folder written by a run is "
-                       f"expected)")
+        what = "not a folder" if directory.exists() else "no such directory"
+        raise BadInput(f"--adapter {directory}: {what} (a folder written by a run is expected)")
     if not (directory / adapters.ADAPTER_CONFIG).exists() and \
             (directory / "adapter" / adapters.ADAPTER_CONFIG).is_file():
         raise BadInput(f"--adapter {directory}: a run's folder, not its adapter folder; did you mean "
@@ -277,6 +278,9 @@ def resumed(args, env: Env, inputs: Inputs) -> None:
     training, when the evaluation data or settings are not those it was made with; and whether the
     run is already complete (then nothing is done)."""
     ckpt = inputs.ckpt
+    log = env.out / "log.jsonl"
+    if log.exists() or log.is_symlink():  # a resume cuts it back: it must be a file to read
+        check_regular_file(log, run_folder.RunError)
     if ckpt.get("identity", {}).get("evaluation") != inputs.identity["evaluation"]:
         ckpt.pop("before")
         ckpt.pop("val_before", None)

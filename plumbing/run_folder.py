@@ -214,7 +214,12 @@ def record(out: Path, names) -> None:
 
 
 def _manifest(out: Path) -> list[str]:
+    """The names the folder's list holds; a list that is not a small regular file (a planted link
+    or FIFO) is none of ours."""
     try:
+        st = (out / MANIFEST).lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            return []
         names = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return []

@@ -160,6 +160,8 @@ CASES = [
      "--max-new-tokens 100000: no prompt fits beside it in max_position_embeddings"),
     ("special file", "config.json", EVERY, fifo("model/config.json"), {},
      "{tmp}/model/config.json: not a regular file"),
+    ("special file", "adapter weights", READS_ADAPTERS, fifo(ADAPTER), {},
+     "{tmp}/adapter/omoe_model.safetensors: not a regular file"),
     ("special file", "data", ("train", "evaluate", "eval-only"), fifo("data/alpha/test.json"), {},
      "{tmp}/data/alpha/test.json: not a regular file"),
     ("symbolic link", "--out's lock", WRITES, lock_link, {},
@@ -484,3 +486,16 @@ def test_a_file_created_exclusively_without_hard_links(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         files.write_file(tmp_path / "a.json", lambda f: f.write(b"2"), replace=False)
     assert (tmp_path / "a.json").read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_planted_fifo_is_never_read_as_the_folders_list_or_log(world, tmp, capsys):
+    """A FIFO would make a read wait forever: the list of files is then none of ours, and a log that
+    is not a file is refused before a resume cuts it back."""
+    (tmp / "out").mkdir()
+    os.mkfifo(tmp / "out" / ".omoe-files")
+    assert call(evaluate.main, DOORS["evaluate"][2](tmp)) == 0
+    shutil.copytree(world / "run", tmp / "again")
+    (tmp / "again" / "log.jsonl").unlink()
+    os.mkfifo(tmp / "again" / "log.jsonl")
+    refused(capsys, tmp, "train", ["--model", world / "model", "--data", world / "data", "--out", tmp / "again",
+                                   *QUICK, "--resume"], f"{tmp / 'again' / 'log.jsonl'}: not a regular file")

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from plumbing.base import files
+from plumbing.base.checks import check_regular_file
 from plumbing.base.errors import BadInput
 
 DTYPES = {
@@ -196,6 +197,8 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():  # opening a FIFO would wait forever
+            check_regular_file(self.path, CheckpointError)
         try:
             with open(self.path, "rb") as f:
                 self._entries, self.metadata, self._data_start = _read_header(self.path, f)
