@@ -14,8 +14,8 @@ from functools import lru_cache
 import torch
 
 # Reading the JSON files and checking every record is plumbing; an Example is what they hold.
-from plumbing.datafiles import DataError, Example, hold_out, load_tasks  # noqa: F401
-from plumbing.tokenizer import Tokenizer
+from plumbing.base.datafiles import DataError, Example, hold_out, load_tasks  # noqa: F401
+from plumbing.base.tokenizer import Tokenizer
 
 
 # ── The prompt ─────────────────────────────────────────────────────────────────────────────────

@@ -8,7 +8,8 @@
 The base model is the one the adapters were trained on (their adapter_config.json says which;
 --model overrides it). Each prompt goes through the training template (data.prompt) unless --raw,
 and the answer streams as it is generated: greedy by default, until the model's end of sequence.
-PEFT LoRA adapter folders work too. Loading and checking the files is plumbing/; the lesson is
+PEFT LoRA adapter folders work too. Every input (the base, its tokenizer, the adapters, each
+prompt) is checked before any work by the gate every door shares (plumbing/gate.py); the lesson is
 four lines: load the base, add the experts, load their weights, generate.
 
 The embedded tiny model knows only its six tasks: it answers questions written like theirs (the
@@ -20,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-import data
 import omoe
 from model import Transformer
-from plumbing import adapters, cli, hub
-from plumbing.errors import BadInput
-from plumbing.inputs import load_tokenizer, pick_device
+from plumbing import adapters, cli, gate
+from plumbing.base.errors import BadInput
 
 EMBEDDED = Path(__file__).resolve().parent / "assets" / "tiny-llama"
 EMBEDDED_HINT = ("the embedded tiny model answers only questions written like its six tasks "
@@ -55,48 +54,25 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="of the base (auto: bfloat16 on CUDA)")
     args = p.parse_args(argv)
-    for flag, bad in (("--max-new-tokens", args.max_new_tokens < 1),
-                      ("--temperature", not 0 <= args.temperature < float("inf")),
-                      ("--top-p", not 0 < args.top_p <= 1)):
-        if bad:
-            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: out of range")
+    try:
+        gate.check_generation_flags(args)
+    except BadInput as e:
+        p.error(str(e))
     return args
 
 
-def load(args):
-    """The model with its adapters (or without, --no-adapter), and its tokenizer, all checked."""
-    saved = Path(args.adapter, adapters.ADAPTER_CONFIG).is_file()
-    trained = read_config(args.adapter) if saved or not args.no_adapter else None
-    name = args.model or (trained or {}).get("base_model")
-    if name is None:
-        raise BadInput("--model: the adapters do not say which model they were trained on; name it"
-                       if trained else "--model is needed with --no-adapter and no adapter folder")
-    model_dir = hub.resolve_model(name, args.revision)
-    if Path(model_dir).resolve() == EMBEDDED:
-        print(EMBEDDED_HINT, file=sys.stderr)
-    device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-    tokenizer = load_tokenizer(args.tokenizer, model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-    if not args.no_adapter:
-        layout, weights = adapters.load_adapter_files(args.adapter)
-        omoe.add_experts(model, **layout)   # the experts, as the run built them
+def load(args, base, adapter, device, dtype):
+    """The model with its adapters (or without, --no-adapter): the files were checked already."""
+    model = Transformer.from_pretrained(base.model_dir, dtype=dtype, device=device)
+    if adapter is not None:
+        layout, weights = adapter
+        omoe.add_experts(model, **layout)       # the experts, as the run built them
         adapters.load_adapters(model, weights)  # and their trained weights
-    return model.eval(), tokenizer
+    return model.eval()
 
 
-def read_config(directory) -> dict:
-    try:
-        return adapters.read_adapter_config(directory)
-    except BadInput as e:
-        raise BadInput(f"--adapter {directory}: {e}") from None
-
-
-def answer(model, tokenizer, text: str, args) -> str:
-    """Generate the answer to one prompt, printing it as it comes."""
-    prompt = text if args.raw else data.prompt(data.Example(instruction=text))
-    ids = tokenizer.encode(prompt)
+def answer(model, tokenizer, ids: list[int], args) -> str:
+    """Generate the answer to one prompt (its tokens), printing it as it comes."""
     device = next(model.parameters()).device
     new: list[int] = []
     shown = ""
@@ -117,12 +93,16 @@ def answer(model, tokenizer, text: str, args) -> str:
 
 
 def prompts(args):
-    """The prompts of the command line, of --file, or typed one by one."""
-    if args.prompts or args.file:
-        yield from args.prompts
-        if args.file:
-            yield from read_prompts(args.file)
-        return
+    """(where, text) for the prompts of the command line and of --file, or for those typed one
+    by one (None: read as they come)."""
+    if not (args.prompts or args.file):
+        return None
+    given = [(f"prompt {i + 1}", text) for i, text in enumerate(args.prompts)]
+    return given + (gate.read_prompts(args.file) if args.file else [])
+
+
+def typed():
+    """The prompts of standard input, one per line, as they are typed."""
     interactive = sys.stdin.isatty()
     if interactive:
         print(LOOP_HINT, file=sys.stderr)
@@ -131,28 +111,29 @@ def prompts(args):
             line = input("> ") if interactive else sys.stdin.readline()
         except EOFError:
             return
+        except UnicodeDecodeError as e:
+            raise BadInput(f"standard input: not UTF-8 text (byte 0x{e.object[e.start]:02x}; "
+                           f"a Latin-1 terminal or file?)") from None
         if not interactive and not line:  # the end of the file or pipe
             return
         if interactive and line.strip() in ("exit", "quit"):
             return
         if line.strip():
-            yield line.strip()
-
-
-def read_prompts(path) -> list[str]:
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or e
-        raise BadInput(f"--file {path}: cannot read it ({why})") from None
+            yield "standard input", line.strip()
 
 
 def run(args) -> int:
-    model, tokenizer = load(args)
+    base, adapter, device, dtype = gate.load_generation(args)  # every file checked, no weight read
+    if Path(base.model_dir).resolve() == EMBEDDED:
+        print(EMBEDDED_HINT, file=sys.stderr)
+    given = prompts(args)
+    checked = [gate.prompt_ids(base, text, where, args) for where, text in given or []]
+    model = load(args, base, adapter, device, dtype)
     with torch.no_grad():
-        for text in prompts(args):
-            answer(model, tokenizer, text, args)
+        for ids in checked:
+            answer(model, base.tokenizer, ids, args)
+        for where, text in typed() if given is None else []:
+            answer(model, base.tokenizer, gate.prompt_ids(base, text, where, args), args)
     return 0
 
 

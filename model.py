@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from plumbing import config, hub
-from plumbing.weights import checkpoint_names, open_weights
+from plumbing.base import config, hub
+from plumbing.base.weights import checkpoint_names, open_weights
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, d: dict) -> "ModelArgs":
-        """config.json's names -> ours (every value is checked first: plumbing/config.py)."""
+        """config.json's names -> ours (every value is checked first: plumbing/base/config.py)."""
         config.check(d)
         return cls(dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
                    n_heads=d["num_attention_heads"],
@@ -319,7 +319,7 @@ class Transformer(nn.Module):
         cache folder or its hub id. dtype defaults to float32 as in transformers, device to the CPU.
         Built on the meta device (no memory), then allocated on `device`, each tensor copied in from
         the memory-mapped files: the peak is about one copy of the weights. Every parameter must
-        come from the checkpoint (plumbing/weights.py checks)."""
+        come from the checkpoint (plumbing/base/weights.py checks)."""
         path = hub.resolve_model(path)
         args = load_config(path)
         device = torch.device(device or "cpu")

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
-from plumbing.checks import check_layer_args, check_targets
+from plumbing.base.checks import check_layer_args, check_targets
 
 ORTH_MODES = ("orthonormal", "orthogonal", "normalized", "none")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

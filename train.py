@@ -21,12 +21,13 @@ import torch
 from tqdm import tqdm
 
 import data
+import evaluate
 import omoe
 from model import Transformer
 from plumbing import cli, parallel, run_folder
 from plumbing.diagnostics import diagnostics_by_block, mean_diagnostics, record_diagnostics
-from plumbing.errors import TrainingDiverged
-from plumbing.inputs import Env, Inputs, experts_of, load_inputs, setup, warmup_steps
+from plumbing.base.errors import TrainingDiverged
+from plumbing.gate import Env, Inputs, experts_of, load_inputs, setup, warmup_steps
 
 # Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
 # LLaMA (assets/), which a laptop CPU fine-tunes in about two minutes. A flag given always wins.
@@ -46,9 +47,9 @@ def run(args) -> int:
     env = setup(args)                            # device, processes, precision; --out locked
     try:
         inputs = load_inputs(args, env)          # config, tokenizer, data, checkpoint: all checked
+        if inputs.finished:                      # a resumed run that is already complete
+            return 0
         model = load_model(args, env, inputs)    # the frozen base (sharded under --fsdp)
-        if args.eval_only:
-            return evaluate_adapter(args, env, inputs, model)
         if env.main:
             run_folder.clear_run(env.out, env.replaced)  # all checked: --overwrite may delete now
         before = evaluate_base(args, env, inputs, model)
@@ -74,15 +75,15 @@ def load_model(args, env: Env, inputs: Inputs):
     """The base model; under --fsdp already with its experts (see plumbing/parallel.py). The experts
     start at zero: until trained, the adapted model computes exactly what the base model does."""
     if args.fsdp:
-        experts = inputs.adapter[0] if inputs.adapter else experts_of(args)
-        return parallel.load_sharded(inputs.model_dir, env.dtype, env.device, args.seed, experts)
+        return parallel.load_sharded(inputs.model_dir, env.dtype, env.device, args.seed,
+                                     experts_of(args))
     return Transformer.from_pretrained(inputs.model_dir, dtype=env.dtype, device=env.device)
 
 
-def add_adapters(args, model, config: dict | None = None) -> None:
+def add_adapters(args, model) -> None:
     if not args.fsdp:  # under --fsdp they were added before sharding
         torch.manual_seed(args.seed)  # the experts' initialisation depends on the seed alone
-        omoe.add_experts(model, **(config or experts_of(args)))
+        omoe.add_experts(model, **experts_of(args))
 
 
 def wrap(args, env: Env, model):
@@ -186,10 +187,8 @@ def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, schedul
             done = step + 1
             record = done % args.log_every == 0
             loss, tokens, recorder = train_step(args, env, inputs, model, train_model, step, record)
-            if not math.isfinite(loss):
-                last = run_folder.last_checkpoint(inputs.ckpt_path)
-                raise TrainingDiverged(f"step {done}: the loss is {loss}; stopping. The last good "
-                                       f"checkpoint is {last}")
+            if not math.isfinite(loss):  # and which checkpoint, if any, holds finite weights
+                raise TrainingDiverged(run_folder.diverged(inputs.ckpt_path, done, loss))
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
@@ -239,7 +238,7 @@ def save(args, env: Env, inputs: Inputs, model, optimizer, scheduler, done, befo
     if env.main:
         run_folder.save_checkpoint(inputs.ckpt_path, adapters, optimizer_state, scheduler, done,
                                    len(inputs.train_items) // args.batch_size, args, before["test"],
-                                   inputs.fingerprint, before["val"], rng,
+                                   inputs.identity, before["val"], rng,
                                    (window.loss, window.steps))
 
 
@@ -253,8 +252,9 @@ def evaluate_all(model, tokenizer, tasks, args, env: Env) -> dict:
 
 
 def evaluate_base(args, env: Env, inputs: Inputs, model) -> dict:
-    """Test and validation accuracy before training (a resumed run has them in its checkpoint)."""
-    if inputs.ckpt is not None:
+    """Test and validation accuracy before training (a resumed run has them in its checkpoint,
+    unless its evaluation data or settings changed: the gate then takes them out)."""
+    if inputs.ckpt is not None and "before" in inputs.ckpt:
         return {"test": inputs.ckpt["before"], "val": inputs.ckpt.get("val_before")}
     if args.skip_base_eval:
         return {"test": None, "val": None}
@@ -291,7 +291,7 @@ def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, se
     adapters = parallel.adapter_state(model, keep=env.main)
     if not env.main:
         return
-    run_folder.save_adapters(model, env.out / "adapter", inputs.model_name, adapters)
+    run_folder.save_adapters(model, env.out / "adapter", inputs.base, adapters)
     if val_after:
         cli.print_table(before["val"], val_after, cli.VAL_TITLE)
     if after:
@@ -311,31 +311,10 @@ def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, se
           f"log: {env.out / 'log.jsonl'}")
 
 
-def evaluate_adapter(args, env: Env, inputs: Inputs, model) -> int:
-    """--eval-only: the model with the adapters of --adapter, on the test and validation sets; the
-    results go to their own file, beside whatever run is in --out."""
-    add_adapters(args, model, inputs.adapter[0])
-    parallel.load_adapters(model, inputs.adapter[1])
-    results, val_results = ({} if not t else evaluate_all(model, inputs.tokenizer, t, args, env)
-                            for t in (inputs.eval_sets, inputs.val_sets))
-    if env.main:
-        if val_results:
-            cli.print_table(None, val_results, cli.VAL_TITLE)
-        if results:
-            cli.print_table(None, results)
-        run_folder.record(env.out, [inputs.results.name])
-        run_folder.write_json(inputs.results, {
-            "config": vars(args), "adapter": inputs.adapter[0], "after": results,
-            "val_after": val_results, "average": {"after": cli.average(results),
-                                                  "val_after": cli.average(val_results)},
-            "environment": run_folder.environment(env.device)})
-        print(f"\nresults: {inputs.results}")
-    return 0
-
-
 def main(argv=None) -> int:
     _, args = parse_args(argv)
-    return cli.run_command(run, args)  # refusals: one line, exit 2; failures: exit 1; Ctrl-C: 130
+    # refusals: one line, exit 2; failures: exit 1; Ctrl-C: 130. --eval-only is evaluate.py's run.
+    return cli.run_command(evaluate.run if args.eval_only else run, args)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))  # model.py, data.py and plumbing/ live one
 
 import data  # noqa: E402  (the prompt template, so the world's prompts are exactly the training ones)
 from model import ModelArgs, Transformer  # noqa: E402
-from plumbing.weights import save_safetensors  # noqa: E402
+from plumbing.base.weights import save_safetensors  # noqa: E402
 
 # ── The world ──────────────────────────────────────────────────────────────────────────────────
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelArgs, Transformer  # noqa: E402
-from plumbing.weights import save_safetensors  # noqa: E402
+from plumbing.base.weights import save_safetensors  # noqa: E402
 
 
 def write_checkpoint(directory: Path, layers: int) -> int:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import transformers  # noqa: E402
 
-from plumbing.weights import save_safetensors  # noqa: E402
+from plumbing.base.weights import save_safetensors  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 

@@ -14,7 +14,6 @@ Every value of a config is checked as add_experts checks its arguments, naming t
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,14 +21,15 @@ from torch import Tensor, nn
 
 import omoe
 from plumbing import peft_format
-from plumbing.checks import check_layer_args, check_regular_file
-from plumbing.errors import BadInput
-from plumbing.weights import load_safetensors, save_safetensors
+from plumbing.base import files
+from plumbing.base.checks import check_layer_args, check_regular_file
+from plumbing.base.errors import BadInput
+from plumbing.base.weights import load_safetensors, save_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
 OMOE_WEIGHTS = "omoe_model.safetensors"
 LAYOUT_KEYS = ("targets", "experts", "top_k", "rank", "alpha", "dropout", "orth", "lora_targets")
-KNOWN_KEYS = ("format_version", "base_model_name_or_path", *LAYOUT_KEYS)
+KNOWN_KEYS = ("format_version", "base_model_name_or_path", "revision", "identity", *LAYOUT_KEYS)
 
 
 def adapter_config(model: nn.Module) -> dict:
@@ -82,13 +82,18 @@ def check_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
             raise ValueError(f"adapter weight {k} is not finite (it holds NaN or infinity)")
 
 
-def save_adapters(model: nn.Module, directory, base_model: str | None = None,
+def save_adapters(model: nn.Module, directory, base_model: str | dict | None = None,
                   state: dict | None = None) -> None:
     """Write the adapters into `directory`, PEFT's files for a plain LoRA, else ours (see above).
-    base_model is recorded as base_model_name_or_path; state: the weights if not the model's own
+    base_model is recorded as base_model_name_or_path (a dict: with its "revision", as
+    plumbing/gate.py's base_record makes it, and the run's "identity", written into our config);
+    state: the weights if not the model's own
     (those of a sharded model, gathered: plumbing/parallel.py). The folder is written beside its
     place and moved there once complete: a failure (a full disk) keeps what was there."""
     directory = Path(directory)
+    record = base_model if isinstance(base_model, dict) else \
+        {"base_model_name_or_path": base_model, "revision": None}
+    base_model = record["base_model_name_or_path"]
     state = {k: v.contiguous().cpu()
              for k, v in (omoe.adapter_state_dict(model) if state is None else state).items()}
     layers = list(omoe._adapted(model).values())
@@ -96,16 +101,20 @@ def save_adapters(model: nn.Module, directory, base_model: str | None = None,
     if all(m.experts == 1 and m.orth == "none" for m in layers) and len(settings) == 1:
         targets = list(dict.fromkeys(m.target for m in layers))
         config, state = peft_format.to_peft(targets, *settings.pop(), state, base_model)
+        config["revision"] = record["revision"]
         weights = ADAPTER_WEIGHTS
     else:
         config = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base_model,
-                  **adapter_config(model)}
+                  **({"revision": record["revision"]} if record["revision"] else {}),
+                  **adapter_config(model),
+                  **({"identity": record["identity"]} if record.get("identity") else {})}
         weights = OMOE_WEIGHTS
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    files.make_folder(directory.parent)
+    tmp = files.temporary_folder(directory)  # the user's umask, not tempfile's 0700
     try:
         save_safetensors(state, tmp / weights, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        files.write_file(tmp / ADAPTER_CONFIG, lambda f: f.write((json.dumps(config, indent=2)
+                                                                   + "\n").encode()))
         replace_folder(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +137,7 @@ def load_adapter_files(directory) -> tuple[dict, dict[str, Tensor]]:
     state for load_adapters). Errors are BadInput naming the file and the key."""
     config = read_adapter_config(directory)
     config.pop("base_model")
+    config.pop("revision")
     directory = Path(directory)
     if config.pop("peft"):
         return config, peft_format.from_peft_state(directory / ADAPTER_WEIGHTS)
@@ -148,7 +158,8 @@ def read_adapter_config(directory) -> dict:
     if "peft_type" in config:
         base = config.get("base_model_name_or_path")
         return {**peft_format.from_peft_config(path, config, omoe.TARGETS),
-                "base_model": base if isinstance(base, str) and base else None, "peft": True}
+                "base_model": base if isinstance(base, str) and base else None,
+                "revision": _revision(path, config), "peft": True}
     unknown = [key for key in config if key not in KNOWN_KEYS]
     if unknown:
         raise BadInput(f"{path}: unknown key {unknown[0]!r} (an adapter config has "
@@ -161,7 +172,15 @@ def read_adapter_config(directory) -> dict:
         raise BadInput(f"{path}: base_model_name_or_path must be a path or null, got {base!r}")
     layout = {k: config[k] for k in LAYOUT_KEYS if k in config}
     check_layout(path, layout)
-    return {**layout, "base_model": base, "peft": False}
+    return {**layout, "base_model": base, "revision": _revision(path, config), "peft": False}
+
+
+def _revision(path: Path, config: dict) -> str | None:
+    revision = config.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise BadInput(f"{path}: revision must be a branch, tag or commit name or null, got "
+                       f"{revision!r}")
+    return revision
 
 
 def check_layout(path: Path, layout: dict) -> None:

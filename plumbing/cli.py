@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from plumbing import parallel, run_folder
-from plumbing.errors import BadInput, RunFailed
+from plumbing.base.errors import BadInput, RunFailed
 
 # Flags whose default depends on the recipe (train.PAPER with --model, train.EMBEDDED without).
 RECIPE_KEYS = ("rank", "alpha", "dropout", "batch_size", "micro_batch_size", "lr", "epochs", "warmup",
@@ -110,10 +110,11 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
     a("--skip-base-eval", action="store_true", help="do not evaluate the base model first")
     a("--skip-test-eval", action="store_true", help="evaluate on validation only, never on the test "
       "(while choosing a setting)")
-    a("--eval-only", action="store_true", help="only evaluate the adapters of --adapter: the results "
-      "go to <out>/eval-<data>.json, beside a run's own files, which are left as they are")
+    a("--eval-only", action="store_true", help="only evaluate the adapters of --adapter, as "
+      "evaluate.py does (their base is the one they record, unless --model): the results go to "
+      "<out>/eval-<data>.json, beside a run's own files, which are left as they are")
     a("--adapter", default=None, help="with --eval-only: an adapter folder written by a run "
-      "(<out>/adapter) or a PEFT LoRA adapter folder")
+      "(<out>/adapter) or a PEFT LoRA adapter folder (default: out/adapter)")
 
     group = p.add_argument_group("run folder")
     a("--out", default="out", help="folder for the log, checkpoint, adapters and results.json")
@@ -141,6 +142,45 @@ def orth_mode(value: str) -> str:
     return "normalized" if value == "normalised" else value
 
 
+def parse_eval_args(argv):
+    """evaluate.py's flags: those of train.py that an evaluation reads, with the same defaults."""
+    p = ArgumentParser(prog="evaluate.py", formatter_class=HelpFormatter,
+                       description="Evaluate adapters trained by train.py (or a PEFT LoRA).")
+    p.add_argument("--adapter", default="out/adapter", help="the adapter folder a run wrote")
+    p.add_argument("--model", default=None, help="the base model (default: the one the adapters "
+                   "were trained on): a folder, a cache folder or a hub id")
+    p.add_argument("--revision", default=None, help="with a hub id: the branch, tag or commit")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer outside the model's folder")
+    p.add_argument("--eval-data", default=None, help="test data: a JSON file or a folder of "
+                   "<task>/test.json (default: the embedded tasks, for the embedded model)")
+    p.add_argument("--val-data", default=None, help="validation data: a JSON file or a folder of "
+                   "<task>/val.json")
+    p.add_argument("--eval-mode", choices=("likelihood", "generate"), default="likelihood",
+                   help="likelihood: score each answer label; generate: greedy decoding")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="examples per batch")
+    p.add_argument("--eval-limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--skip-test-eval", action="store_true", help="validation only")
+    p.add_argument("--out", default="out", help="the folder of eval-<data>.json (beside a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier eval-<data>.json "
+                   "(that file only)")
+    p.add_argument("--seed", type=int, default=0, help="seed (evaluation draws nothing at random)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="of the base (auto: bfloat16 on CUDA)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base")
+    p.set_defaults(eval_only=True, data=None, val_fraction=None)
+    args = p.parse_args(argv)
+    for flag, low in (("--eval-batch-size", 1), ("--eval-limit", 1)):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < low:
+            p.error(f"{flag} {value}: must be at least {low}")
+    if not 0 <= args.seed < 2**64:
+        p.error(f"--seed {args.seed}: must be in [0, 2^64)")
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the model over processes started by torchrun")
+    return args
+
+
 def defaults() -> dict:
     """Every flag's default that does not depend on the recipe, as parse_args stores it."""
     p = build_parser(dict.fromkeys(RECIPE_KEYS), dict.fromkeys(RECIPE_KEYS))
@@ -154,15 +194,18 @@ def parse_args(argv, paper: dict, embedded: dict):
     STARTED = time.time()
     p = build_parser(paper, embedded)
     args = p.parse_args(argv)
-    if args.revision is not None and args.model is None:
+    if args.revision is not None and args.model is None and not args.eval_only:
         p.error("--revision needs --model (a hub id such as meta-llama/Llama-2-7b-hf)")
     recipe = embedded if args.model is None else paper
     for key in RECIPE_KEYS:
         if getattr(args, key, None) is None:
             setattr(args, key, recipe[key])
     if args.model is None:
-        args.model = embedded["model"]
+        # An evaluation takes its base from the adapters' record (plumbing/gate.py), as generate.py.
+        args.model = None if args.eval_only else embedded["model"]
         args.data = args.data or embedded["data"]
+    if args.eval_only:
+        args.adapter = args.adapter or "out/adapter"  # evaluate.py's default
     if args.lora:
         args.experts, args.top_k = 1, None
     args.orth = args.orth or ("orthonormal" if args.experts > 1 else "none")
@@ -193,9 +236,34 @@ def check(args) -> None:
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             raise BadInput(f"--{key.replace('_', '-')} {value}: must be a finite number "
                            f"{'>=' if inclusive else '>'} {low}")
+        check_float32(f"--{key.replace('_', '-')}", value)
+    check_learning_rate(args.lr, args.weight_decay)
     for failed, message in contradictions(args):
         if failed:
             raise BadInput(message)
+
+
+# Training computes in float32: a flag's value must be a float32 number, and not round to 0 there.
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+
+
+def check_float32(flag: str, value: float) -> None:
+    if value > FLOAT32_MAX or 0 < value < FLOAT32_TINY:
+        raise BadInput(f"{flag} {value}: outside what float32 training can hold (a number between "
+                       f"{FLOAT32_TINY:.2e} and {FLOAT32_MAX:.2e}, or 0 where 0 is allowed)")
+
+
+def check_learning_rate(lr: float, weight_decay: float) -> None:
+    """AdamW moves each weight by about lr per step: above 1 it diverges at once (2e3 is a typo of
+    2e-3 that the float parser accepts), and a decay of lr x weight_decay >= 1 zeroes the weights."""
+    if lr > 1:
+        mantissa, exponent = f"{lr:e}".split("e")
+        typo = f"; did you mean {float(mantissa):g}e-{int(exponent)}?" if int(exponent) > 0 else ""
+        raise BadInput(f"--lr {lr}: must be at most 1 (AdamW would move every weight by about the "
+                       f"learning rate at each step){typo}")
+    if lr * weight_decay >= 1:
+        raise BadInput(f"--weight-decay {weight_decay} with --lr {lr}: each step would multiply "
+                       f"the adapters' weights by 1 - lr x weight_decay = {1 - lr * weight_decay:g}")
 
 
 def contradictions(args) -> list[tuple[bool, str]]:
@@ -211,8 +279,6 @@ def contradictions(args) -> list[tuple[bool, str]]:
          f"{args.micro_batch_size}"),
         (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be in [0, 2^64)"),
         (not args.targets, f"--targets {','.join(args.targets)!r}: names no layer"),
-        (args.eval_only and not args.adapter, "--eval-only needs --adapter PATH (a folder written "
-                                              "by a run)"),
         (args.adapter and not args.eval_only, "--adapter is only used with --eval-only"),
         (args.resume and args.overwrite, "--resume and --overwrite contradict each other: continue "
                                          "the run, or replace it"),

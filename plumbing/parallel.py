@@ -30,8 +30,8 @@ import data
 import omoe
 from model import Transformer, load_config
 from plumbing import adapters
-from plumbing.errors import BadInput, TrainingDiverged
-from plumbing.weights import checkpoint_names, open_weights
+from plumbing.base.errors import BadInput, TrainingDiverged
+from plumbing.base.weights import checkpoint_names, open_weights
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from plumbing.checks import check_layer_args
-from plumbing.errors import BadInput
-from plumbing.weights import load_safetensors
+from plumbing.base.checks import check_layer_args
+from plumbing.base.errors import BadInput
+from plumbing.base.weights import load_safetensors
 
 PREFIX = "base_model.model."
 PEFT_NAMES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}

@@ -6,7 +6,7 @@
                     with a SHA-256 of every entry, verified before a resume uses it
     log.jsonl       one JSON line per logged step; a resume first cuts it back to the checkpoint's step
     results.json    written atomically at the end (eval-<data>.json: an --eval-only evaluation)
-    adapter/        adapter_config.json + the adapter weights (per-tensor checksums, see weights.py)
+    adapter/        adapter_config.json + the adapter weights (per-tensor checksums, see base/weights.py)
 
 An --out that holds a run needs --resume or --overwrite, and --overwrite deletes nothing until every
 input was checked. A run's folder is kept apart from its inputs: it never is, holds or lies inside the
@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 
 from plumbing import adapters
-from plumbing.errors import BadInput, RunFailed
-from plumbing.weights import load_refusal, tensor_sha256
+from plumbing.base import files
+from plumbing.base.errors import BadInput, RunFailed
+from plumbing.base.weights import load_refusal, tensor_sha256
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "results.json", "adapter")
 LOCK, MANIFEST = ".omoe-lock", ".omoe-files"
@@ -60,18 +62,19 @@ def set_rng_state(states: list | dict, rank: int = 0) -> None:
 
 
 def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step: int, steps_per_epoch: int, args,
-                    before, fingerprint: str, val_before=None, rng: list | None = None,
+                    before, identity: dict, val_before=None, rng: list | None = None,
                     loss_window: tuple = (0.0, 0)) -> None:
     """Everything a resumed run needs, in one file written atomically (write_atomically),
     so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
     every entry let a resume tell a damaged file from a good one. adapters: omoe.adapter_state_dict;
     optimizer: the optimizer's state_dict (both whole, also for a sharded model: parallel.py); rng:
-    every process's rng_state(), rank by rank (default: this process's alone)."""
+    every process's rng_state(), rank by rank (default: this process's alone); identity: what the run
+    is beyond its flags (plumbing/gate.py's run_identity), compared on resume."""
     state = {"adapters": {k: v.cpu() for k, v in adapters.items()},
              "optimizer": optimizer, "scheduler": scheduler.state_dict(),
              "rng": rng if rng is not None else [rng_state()], "step": step, "args": vars(args),
              "before": before, "val_before": val_before, "loss_window": list(loss_window),
-             "data_fingerprint": fingerprint, "format": CHECKPOINT_FORMAT,
+             "data_fingerprint": identity["data"], "identity": identity, "format": CHECKPOINT_FORMAT,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
              "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
     state["checksums"] = checksums(state)
@@ -81,21 +84,18 @@ def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step
         raise SaveError(f"step {step}: {e}") from None
 
 
-def write_atomically(path: Path, write) -> None:
-    """write(f) into a temporary file beside `path`, synced to disk, then renamed over `path`: a kill
-    at any moment leaves the old file or the new one, and a failure (a full disk) keeps the old one."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomically(path: Path, write, replace: bool = True) -> None:
+    """write(f) into a new file at `path` the one way the project creates files (base/files.py): a
+    kill at any moment leaves the old file or the new one, a failure (a full disk) keeps the old
+    one, and no link planted in the folder is followed. replace=False: never replace a file."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
-        os.replace(tmp, path)
+        files.write_file(path, write, replace=replace)
+    except FileExistsError:
+        raise RunError(f"{path} appeared while it was being written (another process wrote it); "
+                       f"it is kept as it is: choose another --out") from None
     except OSError as e:
         kept = "the previous one is kept" if path.exists() else "there was none before"
         raise SaveError(f"could not write {path} ({e.strerror or e}); {kept}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def checksums(state: dict, prefix: str = "") -> dict[str, str]:
@@ -180,10 +180,8 @@ def check_writable(out: Path, rank: int = 0) -> None:
     try:
         if _exists(out) and not out.is_dir():
             raise RunError(f"--out {out}: exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".writable-{rank}"  # one per process: they check at the same time
-        probe.touch()
-        probe.unlink()
+        files.make_folder(out)
+        files.probe(out)
     except OSError as e:
         raise RunError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
@@ -216,7 +214,12 @@ def record(out: Path, names) -> None:
 
 
 def _manifest(out: Path) -> list[str]:
+    """The names the folder's list holds; a list that is not a small regular file (a planted link
+    or FIFO) is none of ours."""
     try:
+        st = (out / MANIFEST).lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            return []
         names = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return []
@@ -243,7 +246,8 @@ def ours(out: Path) -> list[Path]:
 def clear_run(out: Path, replaced: list[Path]) -> None:
     """Delete what --overwrite replaces (a link itself, never what it points to), and temporaries a
     killed save left behind; then record the files this run will write."""
-    stale = [out / f"{name}.tmp" for name in RUN_FILES] + list(out.glob(".adapter.*.tmp"))
+    stale = [out / f"{name}.tmp" for name in RUN_FILES] + list(out.glob(".adapter.*.tmp")) + \
+        [p for name in RUN_FILES for p in out.glob(f".{name}.*.tmp")]
     for path in replaced + stale:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -274,30 +278,31 @@ def truncate_log(path: Path, step: int) -> None:
 def append_log(out: Path, entry: dict) -> None:
     path = out / "log.jsonl"
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        files.append_line(path, json.dumps(entry) + "\n")
     except OSError as e:
         raise SaveError(f"could not append to {path} ({e.strerror or e}); the lines written before "
                         f"are kept") from None
 
 
-def write_json(path: Path, obj) -> None:
-    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def write_json(path: Path, obj, replace: bool = True) -> None:
+    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), replace)
 
 
 # ── Resuming: the same run, whatever the text of its command line ─────────────────────────────
 
 # Settings that change what a resumed run computes: a checkpoint made with other values is refused.
-RESUME_MUST_MATCH = ("model", "data", "experts", "top_k", "rank", "alpha", "dropout", "targets",
-                     "lora_targets", "orth", "lora", "aux_loss_coef", "dtype", "batch_size", "lr",
+RESUME_MUST_MATCH = ("model", "revision", "tokenizer", "data", "experts", "top_k", "rank", "alpha", "dropout",
+                     "targets", "lora_targets", "orth", "lora", "aux_loss_coef", "dtype", "batch_size", "lr",
                      "weight_decay", "epochs", "max_steps", "warmup", "schedule", "grad_clip",
                      "cutoff_len", "train_on_prompt", "seed", "train_limit", "val_fraction")
-PATHS = ("model", "data")
+PATHS = ("model", "tokenizer", "data")
 
 
-def check_resumable(ckpt: dict, args, path: Path, fingerprint: str, defaults: dict) -> None:
-    """Refuse a checkpoint made with other settings, naming each. Paths are compared resolved; a
-    setting the checkpoint's version did not have matches when its default reproduces that run."""
+def check_resumable(ckpt: dict, args, path: Path, identity: dict, defaults: dict) -> None:
+    """Refuse a checkpoint made with other settings or another identity (base, tokenizer, data),
+    naming each. Paths are compared resolved; a setting the checkpoint's version did not have
+    matches when its default reproduces that run."""
+    fingerprint = identity["data"]
     saved = upgrade(ckpt)
     differ = []
     for k in RESUME_MUST_MATCH:
@@ -312,6 +317,12 @@ def check_resumable(ckpt: dict, args, path: Path, fingerprint: str, defaults: di
     if fingerprint != ckpt["data_fingerprint"]:
         differ.append(f"the training data of --data {args.data} have changed (fingerprint "
                       f"{str(ckpt['data_fingerprint'])[:12]}, now {fingerprint[:12]})")
+    was = ckpt.get("identity") if isinstance(ckpt.get("identity"), dict) else {}
+    base = was.get("base") if isinstance(was.get("base"), dict) else {}
+    if "fingerprint" in base and base["fingerprint"] != identity["base"]["fingerprint"]:
+        differ.append(f"the base model's config or weight files differ from {base.get('base_model_name_or_path')}'s")
+    if "tokenizer" in was and was["tokenizer"] != identity["tokenizer"]:
+        differ.append("the tokenizer's file differs from the one the run began with")
     if differ:
         raise RunError(f"--resume: {path} was made with other settings: " + "; ".join(differ))
 
@@ -338,7 +349,7 @@ class Lock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%c")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, files.NEW, 0o666)  # exclusively, never through a link
             except FileExistsError:
                 holder = self._holder()
                 if holder is None:  # gone, or another version's leftovers: take it over
@@ -355,12 +366,24 @@ class Lock:
         raise RunError(f"--out {self.path.parent}: cannot take its lock {self.path}")
 
     def _holder(self) -> dict | None:
-        """The lock's holder, or None when the lock is stale."""
+        """The lock's holder, or None when the lock is stale. A lock that is not a small regular
+        file (a folder, a link, a FIFO that would hang a read) is none of ours: refused."""
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return None  # released meanwhile
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode) \
+                else "a large file" if stat.S_ISREG(st.st_mode) else "a FIFO, device or socket"
+            raise RunError(f"--out {self.path.parent}: its lock {self.path} is {kind}, not a run's "
+                           f"lock file; if no run uses this folder, remove it")
         try:
             holder = json.loads(self.path.read_text())
-            pid, host = int(holder["pid"]), str(holder["host"])
+            pid, host = holder["pid"], str(holder["host"])
+            if type(pid) is not int or not 0 < pid < 2**31:
+                raise ValueError(pid)  # no process has it: os.kill(0 or -1) would mean a group
         except (OSError, ValueError, KeyError, TypeError):
-            young = time.time() - self.path.stat().st_mtime < 10 if self.path.exists() else False
+            young = time.time() - st.st_mtime < 10
             return {"pid": "?", "host": "?", "started": "just now"} if young else None
         if host == socket.gethostname() and not _alive(pid):
             return None
@@ -415,7 +438,7 @@ class Interrupt:
 
 # ── What a run writes at its end ─────────────────────────────────────────────────────────────
 
-def save_adapters(model, directory: Path, base_model: str, state: dict) -> None:
+def save_adapters(model, directory: Path, base_model: dict, state: dict) -> None:
     """The trained adapters into <out>/adapter (plumbing/adapters.py), or one line saying why not."""
     try:
         adapters.save_adapters(model, directory, base_model=base_model, state=state)
@@ -455,6 +478,24 @@ class Window:
 
     def reset(self) -> None:
         self.__init__()
+
+
+def diverged(path: Path, done: int, loss: float) -> str:
+    """What to say when the loss of step `done` is not finite. A checkpoint is named as one to go
+    back to only if its weights are finite, and the one saved just before is said to be the one
+    whose weights gave this loss (resuming it would give the same loss again)."""
+    head = f"step {done}: the loss is {loss}; stopping. "
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        finite = all(torch.isfinite(t).all() for t in ckpt["adapters"].values())
+    except Exception:  # unreadable or not ours: not a checkpoint to go back to
+        ckpt, finite = None, False
+    if ckpt is None or not finite:
+        return head + f"No checkpoint with finite weights was written ({last_checkpoint(path)})"
+    if ckpt["step"] == done - 1:
+        return head + (f"{path} holds step {ckpt['step']}, whose weights gave this loss: resuming "
+                       f"it would give it again; start over with a lower --lr")
+    return head + f"The last checkpoint with finite weights is {path} (step {ckpt['step']})"
 
 
 def last_checkpoint(path: Path) -> str:

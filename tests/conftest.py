@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 
 from model import ModelArgs, Transformer
-from plumbing.weights import save_safetensors
+from plumbing.base.weights import save_safetensors
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "commonsense"
 # The tests that read the real commonsense test sets, beside the repository; a fresh clone skips them.

@@ -12,8 +12,8 @@ import torch
 
 import data
 from data import DataError, Example, Tokenizer
-from plumbing.tokenizer import TokenizerError
-from plumbing import datafiles
+from plumbing.base.tokenizer import TokenizerError
+from plumbing.base import datafiles
 from conftest import SHARED, needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ import torch
 import train
 from conftest import records
 from plumbing import run_folder
-from plumbing.weights import load_safetensors, save_safetensors
+from plumbing.base import files
+from plumbing.base.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",
@@ -253,13 +254,13 @@ def test_a_wordlevel_tokenizer_without_an_unknown_token_is_refused(tmp, capsys):
 # ── Faults of the operating system: one line, what was there kept ─────────────────────────────
 
 def test_a_full_disk_while_appending_to_the_log(tmp, capsys, monkeypatch):
-    real_open = open
+    real = files.append_line
 
-    def full(path, mode="r", *a, **k):
-        if str(path).endswith("log.jsonl") and "a" in mode:
+    def full(path, line):
+        if str(path).endswith("log.jsonl"):
             raise OSError(28, "No space left on device")
-        return real_open(path, mode, *a, **k)
-    monkeypatch.setattr(run_folder, "open", full, raising=False)
+        return real(path, line)
+    monkeypatch.setattr(files, "append_line", full)
     assert main(train_argv(tmp, "full")) == 1
     err = capsys.readouterr().err.strip().splitlines()  # after the progress bar's lines
     assert err[-1] == (f"train.py: error: could not append to {tmp / 'full' / 'log.jsonl'} (No space left on "
@@ -333,6 +334,7 @@ def test_resume_a_checkpoint_of_an_earlier_version(tmp):
 
 def test_a_malformed_log_is_cut_back_on_resume(world, tmp):
     shutil.copytree(world / "run", tmp / "again")
+    (tmp / "again" / "results.json").unlink()  # stopped after its last checkpoint, before its results
     with open(tmp / "again" / "log.jsonl", "a") as f:
         f.write('{"step": "three", "loss": 1}\n{"step": 3}\n')
     assert main(["--model", world / "model", "--data", world / "data", "--out", tmp / "again", *QUICK,

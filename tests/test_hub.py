@@ -1,4 +1,4 @@
-"""plumbing/hub.py: model names -> local directories, through caches built in tmp_path.
+"""plumbing/base/hub.py: model names -> local directories, through caches built in tmp_path.
 
 No test touches the network or the real ~/.cache: every test starts with the cache variables
 unset, HOME in tmp_path and HF_HUB_OFFLINE=1; the download tests replace
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from plumbing.hub import NEEDED, HubError, cache_dirs, resolve_model
+from plumbing.base import hub
+from plumbing.base.hub import NEEDED, HubError, cache_dirs, resolve_model
 
 MAIN = "a" * 40  # commits: the names of snapshots/ folders
 OTHER = "b" * 40
@@ -267,7 +268,7 @@ def test_a_cache_folder_without_the_revision_is_an_error(tmp_path):
     assert str(e.value) == f"--model {folder}: {folder} has no revision 'v2'"
     with pytest.raises(HubError) as e:  # refs/../refs/main: a revision cannot leave refs/
         resolve_model(folder, revision="../refs/main")
-    assert str(e.value) == f"--model {folder}: {folder} has no revision '../refs/main'"
+    assert str(e.value) == "--revision '../refs/main': not a branch, tag or commit name"
 
 
 @pytest.mark.parametrize("name", ["./missing", "a/b/c", "/no/such/dir", "org/-name", "a--b",
@@ -303,14 +304,21 @@ def test_needed_patterns_cover_the_run_files_and_nothing_else():
         assert not wanted(f), f
 
 
+FETCH = ("hf download org/name --include '*.json' --include 'model*.safetensors' "
+         "--include tokenizer.model")
+
+
 class FakeHub:
     """snapshot_download as far as resolve_model sees it: records each call, then writes the
     repository's files that match allow_patterns into cache_dir/models--org--name/snapshots/."""
 
     def __init__(self, repo_files: dict, error: Exception | None = None):
-        self.repo_files, self.error, self.calls = repo_files, error, []
+        self.repo_files, self.error, self.calls, self.timeouts = repo_files, error, [], []
 
     def __call__(self, repo_id, **kwargs):
+        from huggingface_hub.utils import _http
+        # How long the call and the client's requests may wait for an answer (made, never sent).
+        self.timeouts.append((kwargs.pop("etag_timeout", None), _http.get_session().timeout.read))
         self.calls.append(dict(repo_id=repo_id, **kwargs))
         if self.error is not None:
             raise self.error
@@ -382,7 +390,7 @@ def test_a_download_without_weights_is_an_error(tmp_path, install_fake):
         resolve_model("org/name")
     assert str(e.value) == (f"--model org/name: not in the local Hugging Face cache (looked in "
                             f"{default_cache(tmp_path)}) and the download failed: {snapshot} "
-                            "lacks a weight file")
+                            f"lacks a weight file; fetch it with: {FETCH}")
 
 
 def test_hf_hub_offline_0_allows_downloads(tmp_path, monkeypatch, install_fake):
@@ -422,7 +430,8 @@ def test_hub_http_errors_become_one_line_messages(tmp_path, install_fake, error,
     with pytest.raises(HubError) as e:
         resolve_model("org/name", revision="v2")
     assert str(e.value) == (f"--model org/name: not in the local Hugging Face cache (looked in "
-                            f"{default_cache(tmp_path)}) and the download failed: {reason}")
+                            f"{default_cache(tmp_path)}) and the download failed: {reason}; fetch "
+                            f"it with: {FETCH} --revision v2")
 
 
 def test_no_connection_becomes_a_one_line_message(tmp_path, install_fake):
@@ -439,7 +448,28 @@ def test_no_connection_becomes_a_one_line_message(tmp_path, install_fake):
     assert str(e.value) == (f"--model org/name: not in the local Hugging Face cache (looked in "
                             f"{default_cache(tmp_path)}) and the download failed: cannot reach "
                             "the Hub (ConnectionError: [Errno -3] Temporary failure in name "
-                            "resolution)")
+                            f"resolution); fetch it with: {FETCH}")
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_model_and_the_fetch_command(tmp_path, install_fake):
+    """No network at all: the HTTP library's own error, never a traceback."""
+    httpx = pytest.importorskip("httpx2")
+    install_fake({}, error=httpx.ConnectError("[Errno 101] Network is unreachable"))
+    with pytest.raises(HubError) as e:
+        resolve_model("org/name")
+    assert str(e.value) == (f"--model org/name: not in the local Hugging Face cache (looked in "
+                            f"{default_cache(tmp_path)}) and the download failed: cannot reach "
+                            "the Hub (ConnectError: [Errno 101] Network is unreachable); fetch it "
+                            f"with: {FETCH}")
+
+
+def test_hub_requests_have_a_time_limit(tmp_path, install_fake):
+    """huggingface_hub's client waits forever by default: a proxy that never answers would hang."""
+    from huggingface_hub.utils import _http
+    fake = install_fake(COMPLETE)
+    resolve_model("org/name")
+    assert fake.timeouts == [(hub.TIMEOUT, hub.TIMEOUT)]
+    assert _http.get_session().timeout.read is None  # put back as it was, for the rest of the process
 
 
 def test_without_huggingface_hub_the_message_says_to_install_it(tmp_path, monkeypatch):

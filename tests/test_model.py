@@ -8,10 +8,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from plumbing.weights import CheckpointError  # noqa: E402
+from plumbing.base.weights import CheckpointError  # noqa: E402
 from model import KVCache, ModelArgs, Transformer, attention_allowed  # noqa: E402
-from plumbing.config import check_memory, parameter_count  # noqa: E402
-from plumbing.errors import BadInput  # noqa: E402
+from plumbing.base.config import check_memory, parameter_count  # noqa: E402
+from plumbing.base.errors import BadInput  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,

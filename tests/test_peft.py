@@ -204,5 +204,5 @@ def test_peft_weights_of_another_kind_and_unknown_keys_of_ours(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{tmp_path / 'adapter_config.json'}: unknown key 'experts_per_token' "
                                          f"\\(an adapter config has format_version, "
-                                         f"base_model_name_or_path, targets, experts"):
+                                         f"base_model_name_or_path, revision, identity, targets, experts"):
         adapters.load_adapter_files(tmp_path)

@@ -11,7 +11,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 
 import train
 from conftest import train_tokenizer, write_tiny_model
-from plumbing.tokenizer import Tokenizer, TokenizerError, check_tokenizer_fits
+from plumbing.base.tokenizer import Tokenizer, TokenizerError, check_tokenizer_fits
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ import omoe
 import train
 from conftest import SHARED, needs_shared, records
 from model import Transformer
-from plumbing.weights import load_safetensors
+from plumbing.base.weights import load_safetensors
 from plumbing import adapters, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ GOOD = {"instruction": "Q?\n\nAnswer format: answer1/answer2", "input": "", "out
     ("empty", "bad.json: no records (empty dataset)"),
     ("no such data", "nowhere.json: no such file or directory"),
     ("top-k", "--top-k 3 must be between 1 and --experts 2"),
-    ("eval-only", "--eval-only needs --adapter PATH"),
+    ("eval-only", "adapter_config.json not found: "),
     ("out", "--out"),
     ("cuda", "--device cuda: CUDA is not available"),
     ("no model", "missing-model: no such directory"),
@@ -156,11 +156,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, case
         write(bad, data[case])
     argv = ["--model", tiny_model_dir, "--data", bad, "--out", tmp_path / "out"]
     argv += {"no such data": ["--data", tmp_path / "nowhere.json"], "top-k": ["--top-k", 3],
-             "eval-only": ["--eval-only"], "out": ["--out", write(tmp_path / "file", "x") / "sub"],
+             "eval-only": ["--eval-only", "--adapter", tmp_path],
+             "out": ["--out", write(tmp_path / "file", "x") / "sub"],
              "cuda": ["--device", "cuda"], "no model": ["--model", tmp_path / "missing-model"]}.get(case, [])
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    if case in ("top-k", "eval-only"):  # argparse's own usage errors
+    if case == "top-k":  # argparse's own usage errors
         with pytest.raises(SystemExit) as e:
             run(*argv)
         code = e.value.code
@@ -197,8 +198,8 @@ def test_real_commonsense_files_end_to_end(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("cuda, build", [(None, "a CPU-only build"), ("12.8", "built with CUDA 12.8")])
 def test_missing_cuda_names_the_torch_build(monkeypatch, cuda, build):
     """A CPU-only torch is called that; a CUDA build that finds no GPU names its CUDA."""
-    from plumbing.errors import BadInput
-    from plumbing.inputs import pick_device
+    from plumbing.base.errors import BadInput
+    from plumbing.gate import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", cuda)
     with pytest.raises(BadInput, match=rf"--device cuda: CUDA is not available here \(torch .*, {build}\)$"):

@@ -11,9 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from plumbing import weights
+from plumbing.base import weights
 from conftest import Payload
-from plumbing.weights import (CHECKSUMS, CheckpointError, SafetensorsFile, find_weight_files, load_safetensors,
+from plumbing.base.weights import (CHECKSUMS, CheckpointError, SafetensorsFile, find_weight_files, load_safetensors,
                      open_weights, read_safetensors_metadata, save_safetensors, tensor_sha256)
 
 

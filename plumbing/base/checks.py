@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from plumbing.errors import BadInput
+from plumbing.base.errors import BadInput
 
 
 def check_regular_file(path, error=BadInput) -> None:

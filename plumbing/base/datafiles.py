@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plumbing.checks import check_regular_file
-from plumbing.errors import BadInput
+from plumbing.base.checks import check_regular_file
+from plumbing.base.errors import BadInput
 
 
 class DataError(BadInput):

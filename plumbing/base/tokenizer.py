@@ -9,8 +9,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from plumbing.errors import BadInput
-from plumbing import hub
+from plumbing.base.errors import BadInput
+from plumbing.base import hub
 
 
 class TokenizerError(BadInput):
@@ -130,10 +130,34 @@ def _load_tokenizer_json(path: Path):
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise TokenizerError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
     model = json.loads(tk.to_str()).get("model", {})
-    if model.get("type") in ("WordLevel", "WordPiece") and model.get("unk_token") not in model.get("vocab", {}):
-        raise TokenizerError(f"{path}: its {model['type']} model's unknown token {model.get('unk_token')!r} is "
-                             f"not in its vocabulary, so a word outside it could not be encoded")
+    kind = model.get("type")
+    if not _has_unknown_token(model):
+        unk = model.get("unk_id") if kind == "Unigram" else model.get("unk_token")
+        raise TokenizerError(f"{path}: its {kind} model's unknown token {unk!r} is not in its vocabulary, "
+                             f"so a word outside it could not be encoded")
+    try:  # whatever the model type: text outside the vocabulary must encode, not raise mid-run
+        tk.encode(UNSEEN)
+    except Exception as e:
+        raise TokenizerError(f"{path}: cannot encode text outside its vocabulary "
+                             f"({str(e).splitlines()[0]})") from None
     return tk
+
+
+# Characters hardly any vocabulary holds: a tokenizer must encode them (as bytes or its unknown token).
+UNSEEN = "\u2603 \U0001f600 \u0f3a \U000e0041 \x7f"
+
+
+def _has_unknown_token(model: dict) -> bool:
+    """Whether a tokenizer.json model can encode a word outside its vocabulary: WordLevel, WordPiece
+    and Unigram (without byte fallback) through their unknown token, which must be in the vocabulary;
+    BPE through bytes, or through its unknown token if it names one."""
+    kind, vocab = model.get("type"), model.get("vocab") or {}
+    if kind == "Unigram":
+        unk = model.get("unk_id")
+        return model.get("byte_fallback") is True or (type(unk) is int and 0 <= unk < len(vocab))
+    if kind in ("WordLevel", "WordPiece") or (kind == "BPE" and model.get("unk_token") is not None):
+        return isinstance(vocab, dict) and model.get("unk_token") in vocab
+    return True
 
 
 def _special_tokens(directory: Path) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from plumbing.checks import check_regular_file
-from plumbing.errors import BadInput
+from plumbing.base.checks import check_regular_file
+from plumbing.base.errors import BadInput
 
 # The parameters each RoPE scaling reads (model.rope_inv_freq says what they do).
 ROPE_SCALING = {"linear": ("factor",), "dynamic": ("factor",),

@@ -35,7 +35,7 @@ import shlex
 from pathlib import Path
 from types import ModuleType
 
-from plumbing.errors import BadInput
+from plumbing.base.errors import BadInput
 
 # Glob patterns of the files a run needs (snapshot_download's allow_patterns). The weights are
 # "model*.safetensors" rather than "*.safetensors": save_pretrained names them model.safetensors or
@@ -58,9 +58,14 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # A hub id, as huggingface_hub validates it: "name" or "org/name", each part ASCII letters, digits,
 # "_", "-" or ".", starting and ending with a letter, digit or "_" (plus the rules in is_hub_id).
 HUB_ID = re.compile(r"(\w([\w.-]*\w)?/)?\w([\w.-]*\w)?", re.ASCII)
+# A revision as git names a branch or tag (refs/pr/1 included) or a commit: a name, never a path.
+REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*", re.ASCII)
 COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit hash: the names of snapshots/ folders
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as true in HF_HUB_OFFLINE
 EXPECTED = "a Hugging Face LLaMA directory or a hub model name such as meta-llama/Llama-2-7b-hf"
+# Seconds a request to the Hub may wait for an answer: huggingface_hub's own client waits forever,
+# so a proxy that never answers would hang the run.
+TIMEOUT = 60
 
 
 class HubError(BadInput):
@@ -119,6 +124,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
     or huggingface_hub is not installed: then the message gives the command that fetches it).
     `revision` is a branch, a tag or a commit hash; None means "main"."""
     name = os.fspath(name)
+    if revision is not None:
+        check_revision(revision)
     path = Path(name)
     if path.is_dir():  # a local directory wins over a hub id of the same name
         return _local_folder(path, name, revision)
@@ -137,7 +144,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
             return _download(hub, name, revision, caches[0])
         except LookupError as e:
             raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}) "
-                           f"and the download failed: {e}") from None
+                           f"and the download failed: {e}; fetch it with: "
+                           f"{_fetch_command(name, revision, True)}") from None
     why = f" and {offline} turns downloads off" if download and offline else \
         " and huggingface_hub, which downloads it, is not installed" if download and hub is None else ""
     raise HubError(f"--model {name}: not in the local Hugging Face cache ({where}){why}; "
@@ -156,6 +164,12 @@ def _local_folder(path: Path, name: str, revision: str | None) -> Path:
         raise HubError(f"--model {name}: a local folder has no revisions; drop --revision "
                        f"{revision}, or name a hub model or a models--org--name cache folder")
     return path
+
+
+def check_revision(revision: str) -> None:
+    """--revision is looked up under refs/ and sent to the Hub: it must be a name, never a path."""
+    if not REVISION.fullmatch(revision) or ".." in revision or len(revision) > 255:
+        raise HubError(f"--revision {revision!r}: not a branch, tag or commit name")
 
 
 def is_hub_id(name: str) -> bool:
@@ -197,8 +211,7 @@ def _snapshot(folder: Path, revision: str | None) -> Path:
     if not snapshots.is_dir():
         raise LookupError(f"{folder} has no snapshots")
     ref = folder / "refs" / (revision or "main")
-    # ".." cannot appear in a git ref name, and would lead out of refs/.
-    if ".." not in (revision or "") and ref.is_file():
+    if ref.is_file():  # check_revision keeps it inside refs/
         commit = ref.read_text().strip()
         if not commit or not (snapshots / commit).is_dir():
             raise LookupError(f"{ref} names snapshot {commit!r}, which is not in {snapshots}")
@@ -282,19 +295,41 @@ def _download(hub: ModuleType, repo_id: str, revision: str | None, cache_dir: Pa
     BIN_WEIGHTS (the files already fetched are not fetched again). This costs nothing in the
     common case, unlike asking the Hub for the repository's file list first, and keeps every
     error coming from snapshot_download, which turns network failures into its own errors."""
+    restore = _time_limit(hub)
     try:
         folder = Path(hub.snapshot_download(repo_id=repo_id, revision=revision,
-                                            cache_dir=cache_dir, allow_patterns=list(NEEDED)))
+                                            cache_dir=cache_dir, allow_patterns=list(NEEDED),
+                                            etag_timeout=TIMEOUT))
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
             folder = Path(hub.snapshot_download(repo_id=repo_id, revision=revision,
-                                                cache_dir=cache_dir,
+                                                cache_dir=cache_dir, etag_timeout=TIMEOUT,
                                                 allow_patterns=list(NEEDED + BIN_WEIGHTS)))
     except Exception as e:  # the network library's errors vary with huggingface_hub's version
         raise LookupError(_hub_failure(e, repo_id, revision)) from None
+    finally:
+        restore()
     missing = _missing(folder)
     if missing:
         raise LookupError(f"{folder} lacks {' and '.join(missing)}")
     return folder
+
+
+def _time_limit(hub: ModuleType):
+    """Make every request of huggingface_hub's client wait at most TIMEOUT for an answer (it waits
+    forever by default); returns what puts its default back. Versions without a client factory
+    (before 1.0) have their own timeouts."""
+    try:
+        from huggingface_hub.utils import _http
+        default = _http.default_client_factory
+    except (ImportError, AttributeError):
+        return lambda: None
+
+    def client():
+        c = default()
+        c.timeout = TIMEOUT
+        return c
+    hub.set_client_factory(client)
+    return lambda: hub.set_client_factory(default)
 
 
 def _hub_failure(e: Exception, repo_id: str, revision: str | None) -> str:
@@ -309,7 +344,8 @@ def _hub_failure(e: Exception, repo_id: str, revision: str | None) -> str:
         return f"no repository {repo_id} on the Hub (if it is private, {login})"
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{repo_id} has no revision {repr(revision or 'main')} on the Hub"
-    if isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+    network = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+    if network or isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
         # snapshot_download raises LocalEntryNotFoundError from the network error it met.
         return f"cannot reach the Hub ({_one_line(e.__cause__ or e)})"
     return _one_line(e)

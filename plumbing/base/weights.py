@@ -24,13 +24,14 @@ import json
 import mmap
 import os
 import re
-import secrets
 import struct
 from pathlib import Path
 
 import torch
 
-from plumbing.errors import BadInput
+from plumbing.base import files
+from plumbing.base.checks import check_regular_file
+from plumbing.base.errors import BadInput
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -88,18 +89,12 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None, checksum
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # spaces, so that the data section starts 8-byte aligned
 
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in offsets:
-                f.write(_bytes_of(tensors[name]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in offsets:
+            f.write(_bytes_of(tensors[name]))
+    files.write_file(path, write)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -202,6 +197,8 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():  # opening a FIFO would wait forever
+            check_regular_file(self.path, CheckpointError)
         try:
             with open(self.path, "rb") as f:
                 self._entries, self.metadata, self._data_start = _read_header(self.path, f)
