@@ -1,7 +1,9 @@
 """The times the README and the lab quote, each kept with the machine it was measured on.
 
-    python train.py && python benchmarks/timings.py train out/results.json
-    OMP_NUM_THREADS=1 python train.py && OMP_NUM_THREADS=1 python benchmarks/timings.py train-1-thread out/results.json
+    python train.py && python benchmarks/timings.py train out/results.json      # on a free machine
+    python train.py && python benchmarks/timings.py train-busy out/results.json # beside other runs
+    OMP_NUM_THREADS=1 python train.py && \
+        OMP_NUM_THREADS=1 python benchmarks/timings.py train-1-thread-busy out/results.json
     python benchmarks/timings.py tests -- python -m pytest -n 2 --dist loadgroup -q
 
 A name and a results.json: a finished run's training, evaluation and whole-run times, which train.py
