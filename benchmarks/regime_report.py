@@ -251,7 +251,7 @@ def figure(by_length: dict, path: Path) -> None:
     fig.suptitle("The experts over training, at each method's pick (mean over seeds and layers)",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
+    study.save_figure(fig, path, 110)
     plt.close(fig)
 
 
@@ -259,10 +259,8 @@ def write() -> dict:
     by_length = {e: summarise_arm(e) for e in regime.LENGTHS}
     rows = comparisons(by_length)
     summary = {"lengths": by_length, "comparisons": rows, "family": FAMILY}
-    tmp = regime.OUT / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(regime.OUT / "results.json")
-    (regime.OUT / "results.md").write_text(markdown(by_length, rows))
+    study.write_text(regime.OUT / "results.json", json.dumps(summary, indent=1) + "\n")
+    study.write_text(regime.OUT / "results.md", markdown(by_length, rows))
     figure(by_length, regime.OUT / "probe.png")
     return summary
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import omoe  # noqa: E402
 import train  # noqa: E402
+from plumbing.base import files  # noqa: E402
 
 PROBE_PER_TASK = 16
 
@@ -192,8 +193,7 @@ def main(argv=None) -> int:
             state["batch"] = probe_batch(inputs)
         entry = {"step": step, "tasks": state["batch"][0],
                  "layers": probe(model, state["batch"], state["previous"])}
-        with open(env.out / "probe.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        files.append_line(env.out / "probe.jsonl", json.dumps(entry) + "\n")
 
     def step(args, env, inputs, model, train_model, index, record_step):
         if ours.probe_every and index and index % ours.probe_every == 0:  # after `index` steps

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import omoe  # noqa: E402
 import study_report  # noqa: E402
+from plumbing.base import files  # noqa: E402
 from plumbing.diagnostics import diagnostics_by_block  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from train import EMBEDDED  # noqa: E402
@@ -139,6 +140,17 @@ def methods() -> dict[str, list[str]]:
         print("study.py: omoe.py has no orth='normalized' yet: the normalised methods are left out")
         out = {k: v for k, v in out.items() if "normalized" not in v}
     return out
+
+
+def write_text(path: Path, text: str) -> None:
+    """A record or report written whole or not at all, never through a link (the project's one way
+    to create a file, plumbing/base/files.py)."""
+    files.write_file(path, lambda f: f.write(text.encode()))
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG, written the same way."""
+    files.write_file(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 def portable(path: Path) -> str:
@@ -357,9 +369,7 @@ class Study:
                   "peak_rss_mib": usage.ru_maxrss / 1024, **self.extra(folder, result, log)}
         path = self.record_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(record, indent=1) + "\n")
         return record
 
     def script(self, flags: list[str]) -> Path:

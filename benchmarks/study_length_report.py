@@ -350,7 +350,7 @@ def figure(by_length: dict, controls: dict, majority: dict, longer: dict, path: 
     fig.suptitle("Validation accuracy during training: mean over 5 seeds at each length's pick, band: lowest to "
                  "highest seed", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    study.save_figure(fig, path, 110)
     plt.close(fig)
 
 
@@ -361,10 +361,8 @@ def write() -> dict:
                                for m, s in by.items()} for e, by in by_length.items()},
                "controls": controls, "longer": longer, "val_majority": majority, "step_times": step_times(),
                "comparisons": comparisons(by_length, controls, longer)}
-    tmp = OUT / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(OUT / "results.json")
-    (OUT / "results.md").write_text(markdown(by_length, controls, majority, longer))
+    study.write_text(OUT / "results.json", json.dumps(summary, indent=1) + "\n")
+    study.write_text(OUT / "results.md", markdown(by_length, controls, majority, longer))
     figure(by_length, controls, majority, longer, OUT / "curves.png")
     return summary
 

@@ -231,7 +231,7 @@ def figure(summary: dict, s, path: Path) -> None:
     fig.suptitle(f"Accuracy against learning rate (mean ± std over {len(s.sweep_seeds)} seeds; ★ the pick)",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    study.save_figure(fig, path, 120)
     plt.close(fig)
 
 
@@ -242,9 +242,7 @@ def write(out: Path, s, runner=None) -> dict:
                "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs}),
                "methods": {m: summarise(m, [r for r in rs if r["method"] == m], s) for m in s.methods}}
     summary["comparisons"] = comparisons(summary["methods"])
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(summary, s))
+    study.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    study.write_text(out / "results.md", markdown(summary, s))
     figure(summary, s, out / "lr.png")
     return summary

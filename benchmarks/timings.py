@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plumbing.base import files  # noqa: E402
+
 RECORD = Path(__file__).resolve().parent / "results" / "timings.json"
 
 
@@ -57,7 +60,8 @@ def main(argv: list[str]) -> int:
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     record[argv[0]] = entry
     RECORD.parent.mkdir(exist_ok=True)
-    RECORD.write_text(json.dumps(record, indent=1) + "\n")
+    text = (json.dumps(record, indent=1) + "\n").encode()
+    files.write_file(RECORD, lambda f: f.write(text))
     print(f"{argv[0]}: {entry['seconds']} s, recorded in {RECORD}")
     return 0
 
