@@ -114,3 +114,26 @@ def task_dir(tmp_path) -> Path:
         (tmp_path / "tasks" / task / "train.json").write_text(json.dumps(records(48, kind, seed=1)))
         (tmp_path / "tasks" / task / "test.json").write_text(json.dumps(records(12, kind, seed=2)))
     return tmp_path / "tasks"
+
+
+# What the tests of bad inputs, faults and doors share: a finished small run's data, and a door's main
+# called as the shell calls it.
+QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",
+         "--log-every", "1", "--skip-base-eval", "--max-steps", "2", "--save-every", "1"]
+
+
+def write_tasks(directory: Path) -> Path:
+    """Two small tasks, <task>/{train,test}.json, in `directory`."""
+    for task, kind in (("alpha", "answer"), ("beta", "true")):
+        (directory / task).mkdir(parents=True)
+        (directory / task / "train.json").write_text(json.dumps(records(8, kind, seed=1)))
+        (directory / task / "test.json").write_text(json.dumps(records(4, kind, seed=2)))
+    return directory
+
+
+def call(main, argv) -> int:
+    """A door's main as the shell sees it: argparse's refusals are SystemExit(2)."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code

@@ -19,29 +19,13 @@ import torch
 from plumbing import run_folder
 import data
 import train
-from conftest import Payload, records
+from conftest import QUICK, Payload, call, write_tasks
 from plumbing.base.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",
-         "--log-every", "1", "--skip-base-eval", "--max-steps", "2", "--save-every", "1"]
-
-
-def write_tasks(directory: Path) -> Path:
-    """Two small tasks laid out as <task>/train.json and <task>/test.json."""
-    for task, kind in (("alpha", "answer"), ("beta", "true")):
-        (directory / task).mkdir(parents=True)
-        (directory / task / "train.json").write_text(json.dumps(records(8, kind, seed=1)))
-        (directory / task / "test.json").write_text(json.dumps(records(4, kind, seed=2)))
-    return directory
-
-
 def main(argv) -> int:
     """train.main as the shell sees it: argparse's refusals are SystemExit(2)."""
-    try:
-        return train.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
+    return call(train.main, argv)
 
 
 @pytest.fixture(scope="session")

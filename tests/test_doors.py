@@ -20,31 +20,13 @@ import torch
 import evaluate
 import generate
 import train
-from conftest import records
+from conftest import QUICK, call, records, write_tasks
 from plumbing import gate, run_folder
 from plumbing.base import files
 from plumbing.base.weights import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--rank", "2", "--warmup", "1", "--eval-limit", "2",
-         "--log-every", "1", "--skip-base-eval", "--max-steps", "2", "--save-every", "1"]
 ADAPTER = "adapter/omoe_model.safetensors"
-
-
-def write_tasks(directory: Path) -> Path:
-    for task, kind in (("alpha", "answer"), ("beta", "true")):
-        (directory / task).mkdir(parents=True)
-        (directory / task / "train.json").write_text(json.dumps(records(8, kind, seed=1)))
-        (directory / task / "test.json").write_text(json.dumps(records(4, kind, seed=2)))
-    return directory
-
-
-def call(main, argv) -> int:
-    """A door's main as the shell sees it: argparse's refusals are SystemExit(2)."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
 
 
 @pytest.fixture(scope="module")
