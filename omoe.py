@@ -171,7 +171,7 @@ class OMoELinear(nn.Module):
                 hf, B = h.to(gates.dtype), self.lora_B.to(gates.dtype)
                 g = gates if top is None else gates.gather(1, top)                   # (N, K)
                 if self.orth == "normalized":  # the Gram's diagonal is all it needs
-                    sq = expert_sq_lengths(hf, B, self.scaling)                     # (N, E)
+                    sq = expert_sq_lengths(hf, B, self.scaling)                      # (N, E)
                     sq = sq if top is None else sq.gather(1, top)                    # (N, K)
                     c = g / (sq + ridge(sq)[:, None]).sqrt()                         # (N, K)
                 else:
