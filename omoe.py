@@ -98,7 +98,7 @@ class OMoELinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(experts, rank, D_in, **kw))   # (E, R, D_in)
         self.lora_B = nn.Parameter(torch.empty(experts, D_out, rank, **kw))  # (E, D_out, R)
         self.router = nn.Linear(D_in, experts, bias=False, **kw) if experts > 1 else None
-        self._recorder = None       # a plumbing.diagnostics recorder, while one records
+        self.recorder = None        # a plumbing.diagnostics recorder, while one records
         self._balance_loss = None   # from the last forward, for load_balancing_loss
         self.reset_parameters()
 
@@ -122,8 +122,8 @@ class OMoELinear(nn.Module):
             delta = self.scaling * (h[:, 0] @ self.lora_B[0].T)                      # (N, D_out)
         else:
             probs, gates, active, top = self.route(x)
-            if self._recorder is not None:
-                self._recorder.observe(self, h, probs, active)
+            if self.recorder is not None:
+                self.recorder.observe(self, h, probs, active)
             mix = self._mix_reference if self.impl == "reference" else self._mix_fast
             delta = mix(h, gates, top)                                               # (N, D_out)
         return y + delta.view(*shape[:-1], -1).to(y.dtype)

@@ -6,7 +6,7 @@
 
 train.py records the last micro-batch of every logged step (its forward only: recomputed forwards
 of gradient checkpointing, which run inside backward, are not counted again), and prints the means
-per block at the end. A layer reports to the recorder from its forward (OMoELinear._recorder).
+per block at the end. A layer reports to the recorder from its forward (OMoELinear.recorder).
 """
 from contextlib import contextmanager
 
@@ -98,9 +98,9 @@ def record_diagnostics(model: nn.Module):
     layers = {m: name for name, m in omoe.adapted_layers(model).items() if m.router is not None}
     recorder = DiagnosticsRecorder(layers)
     for m in layers:
-        m._recorder = recorder
+        m.recorder = recorder
     try:
         yield recorder
     finally:
         for m in layers:
-            m._recorder = None
+            m.recorder = None
