@@ -223,48 +223,37 @@ def baselines(examples: list[Example]) -> dict:
             "majority": max(counts.values()) / len(examples)}
 
 
-def evaluate(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood",
-             batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+def score_task(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood",
+               batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, shared=None) -> dict:
     """Accuracy on one task: {"accuracy", "correct", "n", "chance", "majority"} (see baselines),
     "answers" (label -> how often the model chose it) and, in generate mode, "no_label" (answers in
-    which no label was found; they count as wrong)."""
-    return evaluate_tasks(model, tok, {"": examples}, mode, batch_size, max_new_tokens)[""]
+    which no label was found; they count as wrong). The model chooses the candidate it scores
+    highest (likelihood) or the first label in its text (generate).
 
-
-def respond(model, tok: Tokenizer, examples: list[Example], mode: str = "likelihood",
-            batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, share=(0, 1)) -> list:
-    """What the model says to each example: its candidates' scores (likelihood) or its text
-    (generate); share=(i, n) answers one process's batches of n (plumbing/parallel.py).
-
-    The model is put in eval mode (no dropout) and given back in the mode it came in. Gradients are
-    off through torch.no_grad rather than inference_mode, whose tensors could not be reused in
-    training if a module cached one."""
+    shared: plumbing/parallel.py's wrapper of score_candidates and generate_answers that deals
+    their batches out between processes; None, this process answers every example. The model is
+    put in eval mode (no dropout) and given back in the mode it came in. Gradients are off through
+    torch.no_grad rather than inference_mode, whose tensors could not be reused in training if a
+    module cached one."""
     if mode not in ("likelihood", "generate"):
         raise ValueError(f"eval mode must be 'likelihood' or 'generate', got {mode!r}")
     for ex in examples:
         if not ex.candidates or ex.answer not in ex.candidates:
             raise DataError(f"task {ex.task!r}: an example without candidates or gold answer "
                             f"cannot be scored")
+    deal = shared or (lambda answer: answer)  # one process: it answers every batch itself
     was_training = model.training
     model.eval()
     try:
         if mode == "likelihood":
-            return score_candidates(model, tok, examples, batch_size, share)
-        return generate_answers(model, tok, examples, batch_size, max_new_tokens, share)
+            scores = deal(score_candidates)(model, tok, examples, batch_size)
+            predictions = [ex.candidates[max(range(len(s)), key=s.__getitem__)]
+                           for ex, s in zip(examples, scores)]
+        else:
+            texts = deal(generate_answers)(model, tok, examples, batch_size, max_new_tokens)
+            predictions = [extract_label(t, ex.candidates) for ex, t in zip(examples, texts)]
     finally:
         model.train(was_training)
-
-
-def chosen(examples: list[Example], responses: list, mode: str = "likelihood") -> list[str | None]:
-    """respond()'s scores or texts -> the label each example chose (None: no label in the text)."""
-    if mode == "likelihood":
-        return [ex.candidates[max(range(len(s)), key=s.__getitem__)]
-                for ex, s in zip(examples, responses)]
-    return [extract_label(t, ex.candidates) for ex, t in zip(examples, responses)]
-
-
-def score(examples: list[Example], predictions: list[str | None], mode: str = "likelihood") -> dict:
-    """evaluate()'s result from the labels the model chose."""
     if not examples:
         raise ValueError("no examples to evaluate")
     correct = sum(p == ex.answer for p, ex in zip(predictions, examples))
@@ -280,9 +269,7 @@ def score(examples: list[Example], predictions: list[str | None], mode: str = "l
 
 def evaluate_tasks(model, tok: Tokenizer, tasks: dict[str, list[Example]], mode: str = "likelihood",
                    batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
-                   respond=respond) -> dict[str, dict]:
-    """evaluate() on each task on its own -> {task: result}; the published tables average these.
-    respond: how the answers are computed (plumbing/parallel.py shares them between processes)."""
-    return {task: score(examples, chosen(examples, respond(model, tok, examples, mode, batch_size,
-                                                           max_new_tokens), mode), mode)
+                   shared=None) -> dict[str, dict]:
+    """score_task on each task on its own -> {task: result}; the published tables average these."""
+    return {task: score_task(model, tok, examples, mode, batch_size, max_new_tokens, shared)
             for task, examples in tasks.items()}

@@ -48,7 +48,7 @@ def evaluate(model, tokenizer, tasks, args, env) -> dict:
     """Accuracy per task; with several processes each answers its share of the examples."""
     with env.autocast:
         return data.evaluate_tasks(model, tokenizer, tasks, args.eval_mode, args.eval_batch_size,
-                                   respond=parallel.shared_respond(env.device))
+                                   shared=parallel.shared_answers(env.device))
 
 
 def report(args, env, inputs, test: dict, val: dict) -> None:

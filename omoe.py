@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
-from plumbing.base.checks import check_layer_args, check_targets
+from plumbing.base.checks import check_layer_args, check_target_hits, target_names
 
 ORTH_MODES = ("orthonormal", "orthogonal", "normalized", "none")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,6 +39,14 @@ SMALL_K = 4  # up to this many active experts, Cholesky is written out elementwi
 # Autograd would keep the Gram's (N, E, E, R) intermediate; from this many numbers per token it is
 # recomputed in backward instead (benchmarks/README.md has the measurements behind the value).
 GRAM_CHECKPOINT_MIN = 512
+
+
+def layer_settings(experts=2, top_k=None, rank=16, alpha=32, dropout=0.05, orth=None) -> dict:
+    """A layer's settings, checked, with orth's default filled in: the paper's Gram–Schmidt for
+    several experts, plain LoRA for one. The layer, add_experts and the adapter files use it."""
+    check_layer_args(experts, top_k, rank, alpha, dropout, orth or "none", ORTH_MODES)
+    orth = orth or ("orthonormal" if experts > 1 else "none")
+    return dict(experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, orth=orth)
 
 
 def ridge(sq: Tensor) -> Tensor:
@@ -71,16 +79,16 @@ class OMoELinear(nn.Module):
     """A frozen nn.Linear (`base_layer`) plus E LoRA experts, a router and Gram–Schmidt."""
 
     def __init__(self, base_layer: nn.Linear, experts=2, top_k=None, rank=16, alpha=32,
-                 dropout=0.05, orth=None, device=None):
+                 dropout=0.05, orth=None, device=None, target=None, role="experts"):
         super().__init__()
-        orth = orth or ("orthonormal" if experts > 1 else "none")  # the paper's; plain LoRA for one
-        check_layer_args(experts, top_k, rank, alpha, dropout, orth, ORTH_MODES)
+        orth = layer_settings(experts, top_k, rank, alpha, dropout, orth)["orth"]
         self.base_layer = base_layer
         self.experts, self.rank, self.alpha, self.dropout = experts, rank, alpha, dropout
         self.orth, self.top_k = orth, experts if top_k is None else top_k
         self.scaling = alpha / rank
         self.impl = "fast"                       # or "reference"
-        self.target, self.role = None, "experts"  # set by add_experts (role "lora": plain LoRA)
+        # The target that chose this layer, and its role: "experts", or "lora" for plain LoRA.
+        self.target, self.role = target, role
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters stay float32 (float64 beside float64) even beside a bf16 base, like PEFT's, on
         # the base's device unless told otherwise (a base on the meta device, to be sharded).
@@ -90,7 +98,7 @@ class OMoELinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(experts, rank, D_in, **kw))   # (E, R, D_in)
         self.lora_B = nn.Parameter(torch.empty(experts, D_out, rank, **kw))  # (E, D_out, R)
         self.router = nn.Linear(D_in, experts, bias=False, **kw) if experts > 1 else None
-        self._recorder = None       # a plumbing.diagnostics recorder, while one records
+        self.recorder = None        # a plumbing.diagnostics recorder, while one records
         self._balance_loss = None   # from the last forward, for load_balancing_loss
         self.reset_parameters()
 
@@ -114,8 +122,8 @@ class OMoELinear(nn.Module):
             delta = self.scaling * (h[:, 0] @ self.lora_B[0].T)                      # (N, D_out)
         else:
             probs, gates, active, top = self.route(x)
-            if self._recorder is not None:
-                self._recorder.observe(self, h, probs, active)
+            if self.recorder is not None:
+                self.recorder.observe(self, h, probs, active)
             mix = self._mix_reference if self.impl == "reference" else self._mix_fast
             delta = mix(h, gates, top)                                               # (N, D_out)
         return y + delta.view(*shape[:-1], -1).to(y.dtype)
@@ -163,7 +171,7 @@ class OMoELinear(nn.Module):
                 hf, B = h.to(gates.dtype), self.lora_B.to(gates.dtype)
                 g = gates if top is None else gates.gather(1, top)                   # (N, K)
                 if self.orth == "normalized":  # the Gram's diagonal is all it needs
-                    sq = _expert_sq_lengths(hf, B, self.scaling)                     # (N, E)
+                    sq = expert_sq_lengths(hf, B, self.scaling)                      # (N, E)
                     sq = sq if top is None else sq.gather(1, top)                    # (N, K)
                     c = g / (sq + ridge(sq)[:, None]).sqrt()                         # (N, K)
                 else:
@@ -175,7 +183,7 @@ class OMoELinear(nn.Module):
         return self.scaling * torch.einsum("ner,eor->no", ch, self.lora_B.to(h.dtype))  # (N, D_out)
 
     def _gram(self, h: Tensor, B: Tensor) -> Tensor:
-        """_expert_gram, recomputed in backward where that pays: B_iᵀB_j always (a few MFLOP), the
+        """expert_gram, recomputed in backward where that pays: B_iᵀB_j always (a few MFLOP), the
         (N, E, E, R) product from GRAM_CHECKPOINT_MIN numbers per token."""
         checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         BtB = checkpoint(_block_products, B)                                         # (E, E, R, R)
@@ -189,7 +197,7 @@ class OMoELinear(nn.Module):
 
 
 # ── The fast path's pieces: the Gram matrix in rank space, and Cholesky for small K ────────────
-def _expert_gram(h: Tensor, B: Tensor, s: float) -> Tensor:  # (N, E, R), (E, D_out, R) -> (N, E, E)
+def expert_gram(h: Tensor, B: Tensor, s: float) -> Tensor:  # (N, E, R), (E, D_out, R) -> (N, E, E)
     return _gram_from_products(h, _block_products(B), s)      # the Gram of e_i = s·B_i h_i
 
 
@@ -202,7 +210,7 @@ def _gram_from_products(h: Tensor, BtB: Tensor, s: float) -> Tensor:
     return s * s * (hBtB * h[:, None]).sum(-1)        # (N, E, E): G_ef = s² (h_eᵀ B_eᵀ B_f) h_f
 
 
-def _expert_sq_lengths(h: Tensor, B: Tensor, s: float) -> Tensor:  # the Gram's diagonal alone
+def expert_sq_lengths(h: Tensor, B: Tensor, s: float) -> Tensor:  # the Gram's diagonal alone
     BtB = torch.einsum("eor,eot->ert", B, B)          # (E, R, R) blocks B_iᵀ B_i
     return s * s * (torch.einsum("ner,ert->net", h, BtB) * h).sum(-1)  # (N, E): s²|B_i h_i|²
 
@@ -256,44 +264,63 @@ def _coefficients(G: Tensor, g: Tensor, orth: str) -> Tensor:
 
 
 # ── Putting experts into a model ────────────────────────────────────────────────────────────────
+def layers_to_adapt(model: nn.Module, targets=TARGETS, lora_targets=()) -> dict[str, tuple]:
+    """{layer name: (target, role)}: every nn.Linear whose name is a target or ends with
+    ".<target>" gets experts; those that lora_targets name get plain LoRA (role "lora").
+    A target must name some layer, and no layer may get both."""
+    targets, lora_targets = target_names(targets), target_names(lora_targets)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = {}
+    for target, role in [(t, "experts") for t in targets] + [(t, "lora") for t in lora_targets]:
+        hits = [name for name in linears if name == target or name.endswith("." + target)]
+        check_target_hits(target, role, hits, linears, chosen)
+        chosen.update(dict.fromkeys(hits, (target, role)))
+    return chosen
+
+
 def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32,
                 dropout=0.05, orth=None, lora_targets=(), device=None) -> nn.Module:
-    """Replace every nn.Linear whose name is, or ends with, ".<target>" by an OMoELinear, and the
-    layers of lora_targets by plain LoRA (MixLoRA's layout: experts on gate/up/down_proj, LoRA on
+    """Replace every nn.Linear that layers_to_adapt chooses by an OMoELinear: experts on targets,
+    plain LoRA on lora_targets (MixLoRA's layout: experts on gate/up/down_proj, LoRA on
     attention); freeze everything else. On a meta-device base, `device` is where the adapters go
     (to shard it before loading: plumbing/parallel.py)."""
-    check_layer_args(experts, top_k, rank, alpha, dropout, orth or "none", ORTH_MODES)
-    if _adapted(model):
+    settings = layer_settings(experts, top_k, rank, alpha, dropout, orth)
+    if adapted_layers(model):
         raise ValueError("model already has experts: call add_experts once, on a fresh model")
-    for name, (target, role) in check_targets(model, targets, lora_targets).items():
+    plain = dict(settings, experts=1, top_k=None, orth="none")  # one expert, no router
+    for name, (target, role) in layers_to_adapt(model, targets, lora_targets).items():
         parent, _, leaf = name.rpartition(".")
         base = model.get_submodule(name)
-        if role == "lora":  # one expert, no router, no normalisation
-            layer = OMoELinear(base, 1, None, rank, alpha, dropout, "none", device)
-        else:
-            layer = OMoELinear(base, experts, top_k, rank, alpha, dropout, orth, device)
-        layer.target, layer.role = target, role
+        layer = OMoELinear(base, **(plain if role == "lora" else settings), device=device,
+                           target=target, role=role)
         setattr(model.get_submodule(parent), leaf, layer)
     model.requires_grad_(False)  # experts and routers train; the base model is frozen
-    for p in adapter_state_dict(model, detach=False).values():
+    for p in adapter_parameters(model).values():
         p.requires_grad_(True)
     return model
 
 
-def adapter_state_dict(model: nn.Module, detach: bool = True) -> dict[str, Tensor]:
-    """The adapters' weights, keyed like the model's: "<path>.lora_A" (E, R, D_in), ".lora_B"
-    (E, D_out, R), ".router.weight" (E, D_in)."""
-    return {f"{path}.{name}": p.detach() if detach else p for path, m in _adapted(model).items()
+def adapted_layers(model: nn.Module) -> dict[str, OMoELinear]:
+    """The model's adapted layers, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, OMoELinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' parameters, what trains, keyed like the model's: "<path>.lora_A"
+    (E, R, D_in), ".lora_B" (E, D_out, R), ".router.weight" (E, D_in)."""
+    return {f"{path}.{name}": p for path, m in adapted_layers(model).items()
             for name, p in m.named_parameters() if not name.startswith("base_layer.")}
 
 
-def _adapted(model: nn.Module) -> dict[str, OMoELinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, OMoELinear)}
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters' weights, detached: what an adapter file holds."""
+    return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
 def load_balancing_loss(model: nn.Module) -> Tensor:
     """Σ over top-k routed layers of E·Σ_e f_e·P_e from their last forward (f_e: the share of token
     slots routed to e, P_e: its mean router probability), 1 per layer when balanced. Soft routing
     adds nothing (every expert gets every token)."""
-    losses = [m._balance_loss for m in _adapted(model).values() if m._balance_loss is not None]
+    layers = adapted_layers(model).values()
+    losses = [m._balance_loss for m in layers if m._balance_loss is not None]
     return torch.stack(losses).sum() if losses else torch.zeros(())

@@ -248,7 +248,7 @@ def evaluate_all(model, tokenizer, tasks, args, env: Env) -> dict:
     """Accuracy per task; with several processes each answers its share of the examples."""
     with env.autocast:
         return data.evaluate_tasks(model, tokenizer, tasks, args.eval_mode, args.eval_batch_size,
-                                   respond=parallel.shared_respond(env.device))
+                                   shared=parallel.shared_answers(env.device))
 
 
 def evaluate_base(args, env: Env, inputs: Inputs, model) -> dict:

@@ -39,7 +39,7 @@ def denominators(model, tokens, mask) -> dict:
             def hook(m, args, out):
                 x = args[0].reshape(-1, args[0].shape[-1])[real].to(m.lora_A.dtype)      # (N, D_in)
                 h = torch.einsum("nd,erd->ner", x, m.lora_A)                              # (N, E, R)
-                sq = omoe._expert_sq_lengths(h, m.lora_B, m.scaling)                      # (N, E)
+                sq = omoe.expert_sq_lengths(h, m.lora_B, m.scaling)                      # (N, E)
                 found[m] = (sq + omoe.ridge(sq)[:, None]).sqrt().mean(0)                  # (E,)
             hooks.append(m.register_forward_hook(hook))
     model(tokens, mask)

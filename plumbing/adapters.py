@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import omoe
 from plumbing import peft_format
 from plumbing.base import files
-from plumbing.base.checks import check_layer_args, check_regular_file
+from plumbing.base.checks import check_regular_file
 from plumbing.base.errors import BadInput
 from plumbing.base.weights import load_safetensors, save_safetensors
 
@@ -39,7 +39,7 @@ def adapter_config(model: nn.Module) -> dict:
         return dict(experts=m.experts, top_k=None if m.top_k == m.experts else m.top_k, rank=m.rank,
                     alpha=m.alpha, dropout=m.dropout, orth=m.orth)
 
-    layers = list(omoe._adapted(model).values())
+    layers = list(omoe.adapted_layers(model).values())
     if not layers:
         raise ValueError("model has no experts: call add_experts first")
     experts, lora = ([m for m in layers if m.role == role] for role in ("experts", "lora"))
@@ -96,7 +96,7 @@ def save_adapters(model: nn.Module, directory, base_model: str | dict | None = N
     base_model = record["base_model_name_or_path"]
     state = {k: v.contiguous().cpu()
              for k, v in (omoe.adapter_state_dict(model) if state is None else state).items()}
-    layers = list(omoe._adapted(model).values())
+    layers = list(omoe.adapted_layers(model).values())
     settings = {(m.rank, m.alpha, m.dropout) for m in layers}
     if all(m.experts == 1 and m.orth == "none" for m in layers) and len(settings) == 1:
         targets = list(dict.fromkeys(m.target for m in layers))
@@ -194,8 +194,8 @@ def check_layout(path: Path, layout: dict) -> None:
     if missing:
         raise BadInput(f"{path}: no {missing[0]!r}")
     try:
-        check_layer_args(layout["experts"], layout.get("top_k"), layout["rank"], layout["alpha"],
-                         layout.get("dropout", 0.0), layout.get("orth") or "none", omoe.ORTH_MODES)
+        omoe.layer_settings(layout["experts"], layout.get("top_k"), layout["rank"], layout["alpha"],
+                            layout.get("dropout", 0.0), layout.get("orth"))
     except ValueError as e:
         raise BadInput(f"{path}: {e}") from None
 

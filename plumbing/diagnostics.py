@@ -6,7 +6,7 @@
 
 train.py records the last micro-batch of every logged step (its forward only: recomputed forwards
 of gradient checkpointing, which run inside backward, are not counted again), and prints the means
-per block at the end. A layer reports to the recorder from its forward (OMoELinear._recorder).
+per block at the end. A layer reports to the recorder from its forward (OMoELinear.recorder).
 """
 from contextlib import contextmanager
 
@@ -44,7 +44,7 @@ class DiagnosticsRecorder:
         N, E = active.shape
         K = layer.top_k
         top = torch.arange(E, device=h.device).expand(N, E)[active].view(N, K)        # (N, K) in order
-        G = omoe.active_block(omoe._expert_gram(h, layer.lora_B.float(), layer.scaling), top)
+        G = omoe.active_block(omoe.expert_gram(h, layer.lora_B.float(), layer.scaling), top)
         after = G  # "none", and "normalized": scaling an output by a positive number keeps its cosines
         if layer.orth in ("orthonormal", "orthogonal"):  # Q = E R⁻¹ has the Gram L⁻¹ G L⁻ᵀ
             eye = torch.eye(K, dtype=G.dtype, device=G.device)
@@ -95,12 +95,12 @@ def diagnostics_by_block(stats: dict[str, dict]) -> dict[str, dict]:
 @contextmanager
 def record_diagnostics(model: nn.Module):
     """with record_diagnostics(model) as rec: model(tokens); rec.summary(). Costs nothing outside."""
-    layers = {m: name for name, m in omoe._adapted(model).items() if m.router is not None}
+    layers = {m: name for name, m in omoe.adapted_layers(model).items() if m.router is not None}
     recorder = DiagnosticsRecorder(layers)
     for m in layers:
-        m._recorder = recorder
+        m.recorder = recorder
     try:
         yield recorder
     finally:
         for m in layers:
-            m._recorder = None
+            m.recorder = None

@@ -26,7 +26,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-import data
 import omoe
 from model import Transformer, load_config
 from plumbing import adapters
@@ -216,19 +215,22 @@ def gather_diagnostics(recorder, device) -> None:
 
 # ── evaluation, shared ────────────────────────────────────────────────────────────────────────
 
-def shared_respond(device):
-    """data.respond with the batches dealt out: process r of N answers batches r, r + N, ... of the
-    single process's, so every batch, and so every score and answer, is the one a single process
-    computes (pass it to data.evaluate_tasks). One process: data.respond itself."""
+def shared_answers(device):
+    """A wrapper for data.score_candidates and data.generate_answers that deals their batches out:
+    process r of N answers batches r, r + N, ... of the single process's, so every batch, and so
+    every score and answer, is the one a single process computes; then all the answers are merged
+    in every process. Pass it to data.evaluate_tasks as `shared`. One process: None."""
     if not dist.is_initialized():
-        return data.respond
+        return None
 
-    def respond(model, tok, examples, mode, batch_size, max_new_tokens):
-        share = (dist.get_rank(), dist.get_world_size())
-        with lockstep(model, device):
-            mine = data.respond(model, tok, examples, mode, batch_size, max_new_tokens, share)
-        return merge(mine)  # after lockstep: every process has finished its forward passes
-    return respond
+    def deal(answer):
+        def answer_share(model, tok, examples, *args):
+            share = (dist.get_rank(), dist.get_world_size())
+            with lockstep(model, device):
+                mine = answer(model, tok, examples, *args, share=share)
+            return merge(mine)  # after lockstep: every process has finished its forward passes
+        return answer_share
+    return deal
 
 
 def merge(mine: list) -> list:

@@ -307,14 +307,14 @@ def test_likelihood_picks_the_rigged_answer_in_any_batch_size(tok):
     oracle = Oracle(gold_sequences(tok, examples), tok.vocab_size)
     oracle.train()
     for batch_size in (1, 3, 64):
-        result = data.evaluate(oracle, tok, examples, "likelihood", batch_size=batch_size)
+        result = data.score_task(oracle, tok, examples, "likelihood", batch_size=batch_size)
         assert result == {"accuracy": 1.0, "correct": 7, "n": 7, "chance": pytest.approx((3 / 3 + 3 / 2 + 1 / 5) / 7),
                           "majority": 2 / 7,  # answer1 is the gold label twice
                           "answers": {"answer1": 2, "answer2": 1, "answer3": 1, "true": 1, "false": 1, "option2": 1}}
     assert oracle.training and not any(oracle.seen_training)  # eval inside, training mode given back
     # Rigged towards each first candidate (right only for examples 2, 3 and 6), it follows.
     contrarian = Oracle(gold_sequences(tok, examples, lambda e: e.candidates[0]), tok.vocab_size)
-    assert data.evaluate(contrarian, tok, examples, batch_size=4)["correct"] == 3
+    assert data.score_task(contrarian, tok, examples, batch_size=4)["correct"] == 3
 
 
 def test_likelihood_counts_eos(tok):
@@ -323,9 +323,9 @@ def test_likelihood_counts_eos(tok):
     e = Example("Pick.\n\nAnswer format: answer1/answer10", "", "answer10", "", ["answer1", "answer10"])
     seq_1, seq_10 = (gold_sequences(tok, [e], lambda _: label)[0] for label in ("answer1", "answer10"))
     assert seq_10[:len(seq_1) - 1] == seq_1[:-1]  # "answer1" is a token prefix of "answer10" (split digits)
-    assert data.evaluate(Oracle([seq_10], tok.vocab_size), tok, [e])["accuracy"] == 1.0
+    assert data.score_task(Oracle([seq_10], tok.vocab_size), tok, [e])["accuracy"] == 1.0
     e.answer = "answer1"
-    assert data.evaluate(Oracle([seq_1], tok.vocab_size), tok, [e])["accuracy"] == 1.0
+    assert data.score_task(Oracle([seq_1], tok.vocab_size), tok, [e])["accuracy"] == 1.0
 
 
 class Canned(torch.nn.Module):
@@ -352,11 +352,11 @@ def test_generate_mode_extracts_first_label_and_counts_answers_without_one(tok):
                 ex("answer1", "Short?\n\nAnswer format: answer1/answer2")]
     model = Canned(tok, {"heavy?": "the correct answer is answer2", "heavier?": "I do not know",
                          "Short?": "the correct answer is answer3"})  # "answer1" after EOS must not count
-    result = data.evaluate(model, tok, examples, "generate", batch_size=2)
+    result = data.score_task(model, tok, examples, "generate", batch_size=2)
     assert result == {"accuracy": 1 / 3, "correct": 1, "n": 3, "chance": pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3),
                       "majority": 1 / 3, "answers": {"answer2": 1, "answer3": 1}, "no_label": 1}
     with pytest.raises(ValueError, match="eval mode must be 'likelihood' or 'generate', got 'beam'"):
-        data.evaluate(model, tok, examples, "beam")
+        data.score_task(model, tok, examples, "beam")
 
 
 def test_baselines_chance_and_majority():

@@ -513,7 +513,7 @@ def test_diagnostics(orth):
     with diagnostics.record_diagnostics(model) as rec:
         rec.mask = mask
         y = model(x)
-    assert m._recorder is None
+    assert m.recorder is None
     torch.testing.assert_close(model(x), y)
     stats = rec.summary()["0"]
     kept = x.reshape(-1, 10)[mask.reshape(-1).bool()]

@@ -231,7 +231,7 @@ def test_the_switch_keeps_each_experts_mean_output_length(tiny_model_dir):
         for m in layers:
             assert m.orth == "none"
             h = torch.einsum("nd,erd->ner", inputs[m], m.lora_A)
-            mean_length = omoe._expert_sq_lengths(h, m.lora_B, m.scaling).sqrt().mean(0)   # (E,)
+            mean_length = omoe.expert_sq_lengths(h, m.lora_B, m.scaling).sqrt().mean(0)   # (E,)
             torch.testing.assert_close(mean_length, torch.ones(2), atol=2e-3, rtol=0)
             torch.testing.assert_close(optimizer.state[m.lora_B]["exp_avg_sq"][:, 0, 0], lengths[m] ** -2)
     for h in hooks:

@@ -1,13 +1,13 @@
-"""The checks behind omoe.py's layer and add_experts: every argument's type and range, and the layers
-that the targets name. The same checks read adapter_config.json (plumbing/adapters.py), so a file
-and a call are held to one rule. A failure is a ValueError naming the argument and its value.
-And the check every file the project reads goes through first: it must be a regular file.
+"""The checks behind omoe.py's layer and add_experts: every argument's type and range, and the
+refusals of targets that name no layer, or a layer for both roles. The same checks read
+adapter_config.json (plumbing/adapters.py), so a file and a call are held to one rule. A failure
+is a ValueError naming the argument and its value. And the check every file the project reads
+goes through first: it must be a regular file.
 """
 import math
 import stat
 from pathlib import Path
 
-from torch import nn
 
 from plumbing.base.errors import BadInput
 
@@ -48,25 +48,23 @@ def check_layer_args(experts, top_k, rank, alpha, dropout, orth, modes) -> None:
         raise ValueError(f"orth must be one of {', '.join(map(repr, modes))}, got {orth!r}")
 
 
-def check_targets(model: nn.Module, targets, lora_targets=()) -> dict[str, tuple[str, str]]:
-    """{layer name: (target, "experts" or "lora")} for every nn.Linear a target names (the layer's
-    name is the target, or ends with ".<target>"); a target naming none, or a layer named by both
-    lists, is a ValueError. Callers run it on a meta-device model to refuse bad targets early."""
-    targets, lora_targets = ([t] if isinstance(t, str) else list(t) for t in (targets, lora_targets))
-    for t in targets + lora_targets:
+def target_names(targets) -> list[str]:
+    """A target or a list of them, as a list; each must be a non-empty name."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    for t in targets:
         if not isinstance(t, str) or not t:
             raise ValueError(f"targets must be names of linear layers, got {t!r}")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = {}
-    for t, role in [(t, "experts") for t in targets] + [(t, "lora") for t in lora_targets]:
-        hits = [name for name in linears if name == t or name.endswith("." + t)]
-        if not hits:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
-            raise ValueError(f"target {t!r} matches no nn.Linear in the model; its linear layers are "
-                             f"named {', '.join(leaves) or '(none)'}")
-        both = [name for name in hits if chosen.get(name, (None, role))[1] != role]
-        if both:
-            raise ValueError(f"lora target {t!r} names layers that targets also name ({both[0]}, ...): "
-                             "a layer gets experts or plain LoRA, not both")
-        chosen.update(dict.fromkeys(hits, (t, role)))
-    return chosen
+    return targets
+
+
+def check_target_hits(target, role, hits, linears, chosen) -> None:
+    """omoe.layers_to_adapt's refusals: a target naming no nn.Linear (linears: all their names), or
+    naming layers already chosen for the other role (chosen: {name: (target, role)})."""
+    if not hits:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(f"target {target!r} matches no nn.Linear in the model; its linear layers are "
+                         f"named {', '.join(leaves) or '(none)'}")
+    both = [name for name in hits if chosen.get(name, (None, role))[1] != role]
+    if both:
+        raise ValueError(f"lora target {target!r} names layers that targets also name ({both[0]}, ...): "
+                         "a layer gets experts or plain LoRA, not both")
