@@ -43,7 +43,9 @@ GRAM_CHECKPOINT_MIN = 512
 
 def layer_settings(experts=2, top_k=None, rank=16, alpha=32, dropout=0.05, orth=None) -> dict:
     """A layer's settings, checked, with orth's default filled in: the paper's Gram–Schmidt for
-    several experts, plain LoRA for one. The layer, add_experts and the adapter files use it."""
+    several experts, plain LoRA for one. Every setting of an adapter is declared here, once: the
+    layer keeps each as an attribute of the same name, and the adapter files, the resume check and
+    the command line's layout follow from this signature (plumbing/adapters.py)."""
     check_layer_args(experts, top_k, rank, alpha, dropout, orth or "none", ORTH_MODES)
     orth = orth or ("orthonormal" if experts > 1 else "none")
     return dict(experts=experts, top_k=top_k, rank=rank, alpha=alpha, dropout=dropout, orth=orth)
@@ -78,13 +80,15 @@ def gram_schmidt(E: Tensor, normalize: bool = True, eps: float | Tensor = 0.0) -
 class OMoELinear(nn.Module):
     """A frozen nn.Linear (`base_layer`) plus E LoRA experts, a router and Gram–Schmidt."""
 
-    def __init__(self, base_layer: nn.Linear, experts=2, top_k=None, rank=16, alpha=32,
-                 dropout=0.05, orth=None, device=None, target=None, role="experts"):
+    def __init__(self, base_layer: nn.Linear, device=None, target=None, role="experts",
+                 **settings):
         super().__init__()
-        orth = layer_settings(experts, top_k, rank, alpha, dropout, orth)["orth"]
+        # Each setting of layer_settings becomes an attribute of the same name.
+        s = layer_settings(**settings)
+        experts, rank, alpha, dropout = s["experts"], s["rank"], s["alpha"], s["dropout"]
         self.base_layer = base_layer
         self.experts, self.rank, self.alpha, self.dropout = experts, rank, alpha, dropout
-        self.orth, self.top_k = orth, experts if top_k is None else top_k
+        self.orth, self.top_k = s["orth"], experts if s["top_k"] is None else s["top_k"]
         self.scaling = alpha / rank
         self.impl = "fast"                       # or "reference"
         # The target that chose this layer, and its role: "experts", or "lora" for plain LoRA.
@@ -278,13 +282,14 @@ def layers_to_adapt(model: nn.Module, targets=TARGETS, lora_targets=()) -> dict[
     return chosen
 
 
-def add_experts(model: nn.Module, targets=TARGETS, experts=2, top_k=None, rank=16, alpha=32,
-                dropout=0.05, orth=None, lora_targets=(), device=None) -> nn.Module:
+def add_experts(model: nn.Module, targets=TARGETS, lora_targets=(), device=None,
+                **settings) -> nn.Module:
     """Replace every nn.Linear that layers_to_adapt chooses by an OMoELinear: experts on targets,
     plain LoRA on lora_targets (MixLoRA's layout: experts on gate/up/down_proj, LoRA on
-    attention); freeze everything else. On a meta-device base, `device` is where the adapters go
-    (to shard it before loading: plumbing/parallel.py)."""
-    settings = layer_settings(experts, top_k, rank, alpha, dropout, orth)
+    attention); freeze everything else. `settings` are layer_settings' (experts, top_k, rank,
+    alpha, dropout, orth). On a meta-device base, `device` is where the adapters go (to shard it
+    before loading: plumbing/parallel.py)."""
+    settings = layer_settings(**settings)
     if adapted_layers(model):
         raise ValueError("model already has experts: call add_experts once, on a fresh model")
     plain = dict(settings, experts=1, top_k=None, orth="none")  # one expert, no router

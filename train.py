@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from model import Transformer
 from plumbing import cli, parallel, run_folder
 from plumbing.diagnostics import diagnostics_by_block, mean_diagnostics, record_diagnostics
 from plumbing.base.errors import TrainingDiverged
-from plumbing.gate import Env, Inputs, experts_of, load_inputs, setup, warmup_steps
+from plumbing.gate import Env, Inputs, experts_of, load_inputs, setup
 
 # Two recipes. With --model, the paper's for a 7B LLaMA; without, one sized for the embedded tiny
 # LLaMA (assets/), which a laptop CPU fine-tunes in about two minutes. A flag given always wins.
@@ -41,6 +42,20 @@ EMBEDDED = dict(model=str(ASSETS / "tiny-llama"), data=str(ASSETS / "world"), ra
 
 def parse_args(argv=None):
     return cli.parse_args(argv, PAPER, EMBEDDED)
+
+
+@dataclass
+class Run:
+    """What the steps of one run share, once the model, its experts and the optimizer exist."""
+    args: object             # the flags, with the recipe's defaults filled in
+    env: Env                 # device, processes, precision, the run folder
+    inputs: Inputs           # tokenizer, data and checkpoint, all checked
+    model: torch.nn.Module   # the plain model: its adapters are what we save
+    train_model: object      # what the loop calls: `model`, wrapped for DDP or compiled
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    before: dict             # the base model's accuracies: {"test": ..., "val": ...}
 
 
 def run(args) -> int:
@@ -57,12 +72,11 @@ def run(args) -> int:
         counts = cli.print_trainable_parameters(model) if env.main else None
         train_model = wrap(args, env, model)     # DDP, compile
         optimizer, scheduler, total_steps = make_optimizer(args, env, model, inputs)
+        r = Run(args, env, inputs, model, train_model, optimizer, scheduler, total_steps, before)
         start = time.time()
-        code, stats = train(args, env, inputs, model, train_model, optimizer, scheduler,
-                            total_steps, before)
+        code, stats = train(r)
         if code == 0:
-            seconds = time.time() - start
-            finish(args, env, inputs, model, before, stats, total_steps, seconds, counts)
+            finish(r, stats, time.time() - start, counts)
         return code
     finally:
         if env.lock:
@@ -95,6 +109,17 @@ def wrap(args, env: Env, model):
 
 
 # ── The optimizer and its schedule ──────────────────────────────────────────────────────────────
+
+def warmup_steps(args, total_steps: int, say=print) -> int:
+    """--warmup, or a tenth of a run shorter than it, said in one line. A warm-up that never ends
+    would train the whole run below the learning rate asked for."""
+    if args.warmup < total_steps:
+        return args.warmup
+    steps = math.ceil(total_steps / 10)
+    say(f"--warmup {args.warmup} is not shorter than the run's {total_steps} steps: warming up "
+        f"over {steps} (a tenth of them) instead")
+    return steps
+
 
 def lr_lambda(warmup: int, schedule: str, total_steps: int):
     def factor(step):  # multiplier of --lr at optimizer step `step` (0-based)
@@ -135,80 +160,80 @@ def loss_sum(logits, labels):
                                              reduction="sum")
 
 
-def train_step(args, env: Env, inputs: Inputs, model, train_model, step: int, record: bool):
+def train_step(r: Run, step: int, record: bool):
     """Forward and backward over this process's share of global batch `step` (the data position is
     the step itself), in micro-batches -> (loss, tokens, diagnostics recorder or None)."""
+    args, env, items = r.args, r.env, r.inputs.train_items
     micro = args.batch_size // (args.micro_batch_size * env.world)
-    mine = data.batch_indices(len(inputs.train_items), args.batch_size, args.seed, step, env.rank,
-                              env.world)
-    pad = inputs.tokenizer.pad_id
-    batches = [data.collate([inputs.train_items[i] for i in mine[m::micro]], pad)
-               for m in range(micro)]
+    mine = data.batch_indices(len(items), args.batch_size, args.seed, step, env.rank, env.world)
+    pad = r.inputs.tokenizer.pad_id
+    batches = [data.collate([items[i] for i in mine[m::micro]], pad) for m in range(micro)]
     # Normalise by the response tokens of the whole global batch, so that the gradient is the same
     # however the batch is split into micro-batches and processes (DDP and FSDP average them).
     n = sum(int((labels[:, 1:] != -100).sum()) for *_, labels in batches)
     n = parallel.all_sum(n, env.device)
     step_loss, tokens_seen, recorder = 0.0, 0, None
     for m, (tokens, mask, labels) in enumerate(batches):
-        tokens, mask, labels = tokens.to(env.device), mask.to(env.device), labels.to(env.device)
+        tokens, mask, labels = (t.to(env.device) for t in (tokens, mask, labels))
         last = m == micro - 1
-        watch = record_diagnostics(model) if record and last else nullcontext()
-        with parallel.gradient_sync(model, train_model, last):  # across processes: the last only
-            with env.autocast, watch as recorder:  # the forward and the loss; backward outside
+        watch = record_diagnostics(r.model) if record and last else nullcontext()
+        # Processes average their gradients after the last micro-batch only.
+        with parallel.gradient_sync(r.model, r.train_model, last):
+            with env.autocast, watch as recorder:
                 if recorder is not None:
                     recorder.mask = mask
-                loss = loss_sum(train_model(tokens, mask), labels) / n
-                objective = loss + args.aux_loss_coef * omoe.load_balancing_loss(model) / micro \
-                    / env.world if args.aux_loss_coef else loss
+                loss = loss_sum(r.train_model(tokens, mask), labels) / n
+                # The balance loss, like the loss, is a mean over micro-batches and processes.
+                balance = omoe.load_balancing_loss(r.model) if args.aux_loss_coef else 0.0
+                objective = loss + args.aux_loss_coef * balance / micro / env.world
             (objective * env.world).backward()
-        step_loss += loss.item()  # the language-model loss alone is what we log
+        step_loss += loss.item()  # we log the language-model loss alone
         tokens_seen += int(mask.sum())
     parallel.gather_diagnostics(recorder, env.device)  # over every process's last micro-batch
     return parallel.all_sum(step_loss, env.device), tokens_seen, recorder
 
 
-def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, scheduler, total_steps,
-          before) -> tuple[int, dict]:
+def train(r: Run) -> tuple[int, dict]:
     """The loop: steps, logs, evaluations during training, checkpoints -> (exit code, last
     diagnostics)."""
-    ckpt = inputs.ckpt
+    args, env, ckpt = r.args, r.env, r.inputs.ckpt
     start_step = ckpt["step"] if ckpt else 0
     window = run_folder.Window(*(ckpt or {}).get("loss_window", (0.0, 0)))  # since the last log
     if ckpt and env.main:
         run_folder.truncate_log(env.out / "log.jsonl", start_step)
-        print(f"resuming from {inputs.ckpt_path} at step {start_step} of {total_steps}")
+        print(f"resuming from {r.inputs.ckpt_path} at step {start_step} of {r.total_steps}")
     interrupt = run_folder.Interrupt()  # Ctrl-C or SIGTERM: save at the end of the step, then stop
-    model.train()
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+    r.model.train()
+    bar = tqdm(range(start_step, r.total_steps), initial=start_step, total=r.total_steps,
                disable=not env.main)
     stats = {}
     try:
         for step in bar:
             done = step + 1
             record = done % args.log_every == 0
-            loss, tokens, recorder = train_step(args, env, inputs, model, train_model, step, record)
+            loss, tokens, recorder = train_step(r, step, record)
             if not math.isfinite(loss):  # and which checkpoint, if any, holds finite weights
-                raise TrainingDiverged(run_folder.diverged(inputs.ckpt_path, done, loss))
+                raise TrainingDiverged(run_folder.diverged(r.inputs.ckpt_path, done, loss))
             if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                torch.nn.utils.clip_grad_norm_(r.model.parameters(), args.grad_clip)
+            r.optimizer.step()
+            r.scheduler.step()
+            r.optimizer.zero_grad(set_to_none=True)
             window.add(loss, tokens)
             bar.set_postfix(loss=f"{loss:.4f}")
             if record:
-                stats = log_step(env, bar, window, done, scheduler, recorder)
-            if args.eval_every and done % args.eval_every == 0 and done < total_steps:
-                evaluate_during(args, env, inputs, model, bar, done)
+                stats = log_step(r, bar, window, done, recorder)
+            if args.eval_every and done % args.eval_every == 0 and done < r.total_steps:
+                evaluate_during(r, bar, done)
             stop = parallel.all_sum(float(bool(interrupt.requested)), env.device) > 0
-            if stop or done % args.save_every == 0 or done == total_steps:
-                save(args, env, inputs, model, optimizer, scheduler, done, before, window)
+            if stop or done % args.save_every == 0 or done == r.total_steps:
+                save(r, done, window)
             if stop:
                 bar.n = done  # the bar counts the step it is in only once the loop moves on
                 bar.close()
                 why = interrupt.requested or "another process"
                 env.say(f"\nstopped after step {done} ({why}); checkpoint saved to "
-                        f"{inputs.ckpt_path}, which holds step {done}. Continue with the same "
+                        f"{r.inputs.ckpt_path}, which holds step {done}. Continue with the same "
                         f"command and --resume.")
                 return interrupt.exit_code, stats
     finally:
@@ -217,29 +242,39 @@ def train(args, env: Env, inputs: Inputs, model, train_model, optimizer, schedul
     return 0, stats
 
 
-def log_step(env: Env, bar, window, done: int, scheduler, recorder) -> dict:
+def log_step(r: Run, bar, window, done: int, recorder) -> dict:
     stats = recorder.summary() if recorder is not None else {}
-    if env.main:
-        entry = {"step": done, "loss": window.loss / window.steps, "lr": scheduler.get_last_lr()[0],
-                 "tokens_per_s": window.tokens * env.world / (time.time() - window.t0),
+    if r.env.main:
+        entry = {"step": done, "loss": window.loss / window.steps,
+                 "lr": r.scheduler.get_last_lr()[0],
+                 "tokens_per_s": window.tokens * r.env.world / (time.time() - window.t0),
                  "experts": stats}
         bar.write(cli.log_line(entry, mean_diagnostics(stats)))
-        run_folder.append_log(env.out, entry)
+        run_folder.append_log(r.env.out, entry)
     window.reset()
     return stats
 
 
-def save(args, env: Env, inputs: Inputs, model, optimizer, scheduler, done, before, window) -> None:
-    """A resumable checkpoint: the adapters and optimizer state whole (gathered when sharded)."""
-    parallel.check_finite_adapters(model, f"step {done}", env.device)
-    adapters = parallel.adapter_state(model, keep=env.main)
-    optimizer_state = parallel.optimizer_state(optimizer, keep=env.main)
-    rng = parallel.rng_states(run_folder.rng_state())
+def save(r: Run, done: int, window) -> None:
+    """A resumable checkpoint after step `done`: everything a resumed run needs. The plumbing adds
+    checksums of every entry and writes it atomically (an interrupt leaves the old file or the new
+    one, never half of one)."""
+    env = r.env
+    parallel.check_finite_adapters(r.model, f"step {done}", env.device)
+    checkpoint = {
+        "adapters": parallel.adapter_state(r.model, keep=env.main),   # whole, also when sharded
+        "optimizer": parallel.optimizer_state(r.optimizer, keep=env.main),
+        "scheduler": r.scheduler.state_dict(),
+        "rng": parallel.rng_states(run_folder.rng_state()),            # every process's, by rank
+        "step": done,
+        "args": vars(r.args),                                          # compared on --resume
+        "before": r.before["test"], "val_before": r.before["val"],     # not evaluated again
+        "loss_window": [window.loss, window.steps],                    # the next log's average
+        "identity": r.inputs.identity,                                 # base, tokenizer, data
+    }
     if env.main:
-        run_folder.save_checkpoint(inputs.ckpt_path, adapters, optimizer_state, scheduler, done,
-                                   len(inputs.train_items) // args.batch_size, args, before["test"],
-                                   inputs.identity, before["val"], rng,
-                                   (window.loss, window.steps))
+        run_folder.save_checkpoint(r.inputs.ckpt_path, checkpoint,
+                                   len(r.inputs.train_items) // r.args.batch_size)
 
 
 # ── Evaluation and saving ───────────────────────────────────────────────────────────────────────
@@ -269,29 +304,31 @@ def evaluate_base(args, env: Env, inputs: Inputs, model) -> dict:
     return before
 
 
-def evaluate_during(args, env: Env, inputs: Inputs, model, bar, done: int) -> None:
+def evaluate_during(r: Run, bar, done: int) -> None:
     """--eval-every: validation if there is any, else the test, logged."""
-    parallel.check_finite_adapters(model, f"step {done}", env.device)
+    env, inputs = r.env, r.inputs
+    parallel.check_finite_adapters(r.model, f"step {done}", env.device)
     key, tasks = ("val", inputs.val_sets) if inputs.val_sets else ("eval", inputs.eval_sets)
     if not tasks:
         return
-    results = evaluate_all(model, inputs.tokenizer, tasks, args, env)
+    results = evaluate_all(r.model, inputs.tokenizer, tasks, r.args, env)
     if env.main:
         run_folder.append_log(env.out, {"step": done, key: results})
         bar.write(f"step {done}: " + cli.accuracies(results))
 
 
-def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, seconds, counts):
+def finish(r: Run, stats: dict, seconds: float, counts) -> None:
     """Evaluate the trained model, save its adapters, print and write the results."""
+    args, env, inputs, before = r.args, r.env, r.inputs, r.before
     started = cli.announce(env.say, "evaluating the fine-tuned model ...", inputs.eval_sets or
                            inputs.val_sets)
-    after, val_after = ({} if not t else evaluate_all(model, inputs.tokenizer, t, args, env)
+    after, val_after = ({} if not t else evaluate_all(r.model, inputs.tokenizer, t, args, env)
                         for t in (inputs.eval_sets, inputs.val_sets))
     timing = cli.times(seconds, started)  # training, this evaluation, the whole run
-    adapters = parallel.adapter_state(model, keep=env.main)
+    adapters = parallel.adapter_state(r.model, keep=env.main)
     if not env.main:
         return
-    run_folder.save_adapters(model, env.out / "adapter", inputs.base, adapters)
+    run_folder.save_adapters(r.model, env.out / "adapter", inputs.base, adapters)
     if val_after:
         cli.print_table(before["val"], val_after, cli.VAL_TITLE)
     if after:
@@ -300,9 +337,9 @@ def finish(args, env: Env, inputs: Inputs, model, before, stats, total_steps, se
         cli.print_diversity(diagnostics_by_block(stats))
     run_folder.write_json(env.out / "results.json", {
         "config": vars(args), "trainable_params": counts[0], "total_params": counts[1],
-        "steps": total_steps, **timing, "before": before["test"], "after": after,
+        "steps": r.total_steps, **timing, "before": before["test"], "after": after,
         "val_before": before["val"], "val_after": val_after,
-        "average": {k: cli.average(r) for k, r in (("before", before["test"]), ("after", after),
+        "average": {k: cli.average(x) for k, x in (("before", before["test"]), ("after", after),
                                                    ("val_before", before["val"]),
                                                    ("val_after", val_after))},
         "environment": run_folder.environment(env.device)})

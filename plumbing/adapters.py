@@ -11,6 +11,7 @@ saves it instead (plumbing/peft_format.py), so PEFT and transformers load it as 
 so that PEFT refuses it (its file is not adapter_model.safetensors) instead of running the base model.
 Every value of a config is checked as add_experts checks its arguments, naming the file and the key.
 """
+import inspect
 import json
 import os
 import shutil
@@ -28,16 +29,20 @@ from plumbing.base.weights import load_safetensors, save_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG, FORMAT_VERSION = "adapter_model.safetensors", "adapter_config.json", 1
 OMOE_WEIGHTS = "omoe_model.safetensors"
-LAYOUT_KEYS = ("targets", "experts", "top_k", "rank", "alpha", "dropout", "orth", "lora_targets")
+# The settings of a layer are omoe.layer_settings' arguments, declared there once; with the targets
+# they are an adapter's layout: the keys of its config, the add_experts arguments, what a resumed run
+# must keep.
+LAYER_KEYS = tuple(inspect.signature(omoe.layer_settings).parameters)
+LAYOUT_KEYS = ("targets", *LAYER_KEYS, "lora_targets")
 KNOWN_KEYS = ("format_version", "base_model_name_or_path", "revision", "identity", *LAYOUT_KEYS)
 
 
 def adapter_config(model: nn.Module) -> dict:
     """The add_experts arguments that rebuild this model's adapters: add_experts(model, **config).
     "lora_targets" appears only when some layers have plain LoRA beside the experts."""
-    def settings(m):
-        return dict(experts=m.experts, top_k=None if m.top_k == m.experts else m.top_k, rank=m.rank,
-                    alpha=m.alpha, dropout=m.dropout, orth=m.orth)
+    def settings(m):  # the layer keeps each setting as an attribute; top_k = experts is soft
+        values = {k: getattr(m, k) for k in LAYER_KEYS}
+        return {**values, "top_k": None if m.top_k == m.experts else m.top_k}
 
     layers = list(omoe.adapted_layers(model).values())
     if not layers:
@@ -194,8 +199,7 @@ def check_layout(path: Path, layout: dict) -> None:
     if missing:
         raise BadInput(f"{path}: no {missing[0]!r}")
     try:
-        omoe.layer_settings(layout["experts"], layout.get("top_k"), layout["rank"], layout["alpha"],
-                            layout.get("dropout", 0.0), layout.get("orth"))
+        omoe.layer_settings(**{"dropout": 0.0, **{k: layout[k] for k in LAYER_KEYS if k in layout}})
     except ValueError as e:
         raise BadInput(f"{path}: {e}") from None
 

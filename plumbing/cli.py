@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from plumbing import parallel, run_folder
+from plumbing import adapters, parallel, run_folder
 from plumbing.base.errors import BadInput, RunFailed
 
 # Flags whose default depends on the recipe (train.PAPER with --model, train.EMBEDDED without).
@@ -37,33 +37,39 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
     p = ArgumentParser(prog="train.py", formatter_class=HelpFormatter,
                        description="Fine-tune a LLaMA with OMoE adapters and evaluate it.")
     group = None
+    p.must_match = []  # the settings a resumed run must keep: they change what it computes
 
-    def a(flag, help, **kw):
+    def a(flag, help, must_match=False, **kw):
+        """One flag, declared once: its default (or the recipe's), its help, and whether --resume
+        must find it unchanged (always so for an adapter's layout, adapters.LAYOUT_KEYS)."""
         key = flag[2:].replace("-", "_")
         if key in RECIPE_KEYS:  # filled in after parsing, from the recipe
             kw["default"] = argparse.SUPPRESS
             help += f" (default: {paper[key]} with --model, {embedded[key]} for the embedded model)"
+        if must_match or key in adapters.LAYOUT_KEYS:
+            p.must_match.append(key)
         group.add_argument(flag, help=help, **kw)
 
     group = p.add_argument_group("model and data")
-    a("--model", default=None, help="a local Hugging Face LLaMA directory, its models--org--name cache "
-      "folder, or a hub id such as meta-llama/Llama-2-7b-hf (found in the local Hugging Face cache, "
-      "else downloaded); without it, the embedded tiny LLaMA of assets/tiny-llama")
-    a("--revision", default=None, help="with a hub id: the branch, tag or commit (default: main)")
-    a("--tokenizer", default=None, help="a tokenizer.model, tokenizer.json or folder holding one, "
+    a("--model", must_match=True, default=None, help="a local Hugging Face LLaMA directory, its "
+      "models--org--name cache folder, or a hub id such as meta-llama/Llama-2-7b-hf (found in the "
+      "local Hugging Face cache, else downloaded); without it, the embedded tiny LLaMA of assets/tiny-llama")
+    a("--revision", must_match=True, default=None, help="with a hub id: the branch, tag or commit (default: main)")
+    a("--tokenizer", must_match=True, default=None, help="a tokenizer.model, tokenizer.json or folder holding one, "
       "when the model's folder has none")
-    a("--data", default=None, help="training data: an LLM-Adapters JSON file, or a folder of "
+    a("--data", must_match=True, default=None, help="training data: an LLM-Adapters JSON file, or a folder of "
       "<task>/train.json (without --model: the embedded tasks of assets/world)")
     a("--eval-data", default=None, help="evaluation data: a JSON file or a folder of <task>/test.json "
       "(default: the test files beside --data, when it is a folder)")
     a("--val-data", default=None, help="validation data, for choosing settings (the test never is): a "
       "JSON file or a folder of <task>/val.json (default: the val files beside --data, if any)")
-    a("--val-fraction", type=float, default=None, help="hold out this fraction of each training task "
+    a("--val-fraction", must_match=True, type=float, default=None, help="hold out this fraction of each training task "
       "as validation, by a fixed seeded draw (for data without val files); replaces --val-data")
-    a("--train-limit", type=int, default=None, help="use only the first N training examples of each task")
-    a("--cutoff-len", type=int, default=512, help="longest training example in tokens (data.py "
+    a("--train-limit", must_match=True, type=int, default=None, help="use only the first N training "
+      "examples of each task")
+    a("--cutoff-len", must_match=True, type=int, default=512, help="longest training example in tokens (data.py "
       "says how longer ones are truncated)")
-    a("--train-on-prompt", action="store_true", help="compute the loss on the prompt too, not only "
+    a("--train-on-prompt", must_match=True, action="store_true", help="compute the loss on the prompt too, not only "
       "the response")
 
     group = p.add_argument_group("method")
@@ -73,7 +79,7 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
       "experts' outputs: orthonormal (OMoE, the default with several experts), orthogonal, normalized "
       "(unit length, no projections; normalised is the same), or none (vanilla MoE-LoRA; the default "
       "with --lora)")
-    a("--lora", action="store_true", help="plain LoRA baseline: one expert, no router (overrides "
+    a("--lora", must_match=True, action="store_true", help="plain LoRA baseline: one expert, no router (overrides "
       "--experts); with --orth normalized, a normalised LoRA")
     a("--rank", type=int, help="LoRA rank r of each expert")
     a("--alpha", type=float, help="LoRA alpha; experts are scaled by alpha / rank")
@@ -83,22 +89,22 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
     a("--lora-targets", default=None, help="comma-separated names of linear layers that get plain "
       "LoRA beside the experts, e.g. q_proj,k_proj,v_proj,o_proj with --targets "
       "gate_proj,up_proj,down_proj as MixLoRA lays them out")
-    a("--aux-loss-coef", type=float, default=0.0, help="weight of the load-balancing loss (top-k)")
+    a("--aux-loss-coef", must_match=True, type=float, default=0.0, help="weight of the load-balancing loss (top-k)")
 
     group = p.add_argument_group("optimisation")
-    a("--batch-size", type=int, help="examples per optimizer step (over all processes)")
+    a("--batch-size", must_match=True, type=int, help="examples per optimizer step (over all processes)")
     a("--micro-batch-size", type=int, help="examples per forward pass (gradient accumulation)")
-    a("--lr", type=float, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--epochs", type=float, help="passes over the training data")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides "
+    a("--lr", must_match=True, type=float, help="peak learning rate of AdamW")
+    a("--weight-decay", must_match=True, type=float, default=0.0, help="AdamW weight decay")
+    a("--epochs", must_match=True, type=float, help="passes over the training data")
+    a("--max-steps", must_match=True, type=int, default=None, help="stop after this many optimizer steps (overrides "
       "--epochs)")
-    a("--warmup", type=int, help="linear warm-up steps (a run shorter than this warms up over a "
+    a("--warmup", must_match=True, type=int, help="linear warm-up steps (a run shorter than this warms up over a "
       "tenth of its steps, and says so)")
-    a("--schedule", choices=("constant", "cosine", "linear"), default="linear",
+    a("--schedule", must_match=True, choices=("constant", "cosine", "linear"), default="linear",
       help="learning-rate decay after warm-up")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--seed", type=int, default=0, help="seed for initialisation, data order and dropout")
+    a("--grad-clip", must_match=True, type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    a("--seed", must_match=True, type=int, default=0, help="seed for initialisation, data order and dropout")
 
     group = p.add_argument_group("evaluation")
     a("--eval-mode", choices=("likelihood", "generate"), default="likelihood", help="likelihood: "
@@ -127,7 +133,7 @@ def build_parser(paper: dict, embedded: dict) -> ArgumentParser:
 
     group = p.add_argument_group("speed and scale")
     a("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
-    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="storage "
+    a("--dtype", must_match=True, choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="storage "
       "dtype of the frozen base (adapters stay float32; auto = bfloat16 on CUDA)")
     a("--grad-checkpoint", action="store_true", help="recompute activations in backward: less memory")
     a("--compile", action="store_true", help="torch.compile the model for training")
@@ -179,6 +185,11 @@ def parse_eval_args(argv):
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards the model over processes started by torchrun")
     return args
+
+
+def must_match() -> tuple:
+    """The flags a resumed run must keep, in the order --help lists them."""
+    return tuple(build_parser(dict.fromkeys(RECIPE_KEYS), dict.fromkeys(RECIPE_KEYS)).must_match)
 
 
 def defaults() -> dict:

@@ -252,7 +252,8 @@ def load_inputs(args, env: Env) -> Inputs:
     ckpt, ckpt_path = None, env.out / "checkpoint.pt"
     if args.resume:
         ckpt = run_folder.load_checkpoint(ckpt_path)
-        run_folder.check_resumable(ckpt, args, ckpt_path, identity, cli.defaults())
+        run_folder.check_resumable(ckpt, args, ckpt_path, identity, cli.defaults(),
+                                    cli.must_match())
     train_items, counts = data.encode_for_training(tokenizer, examples, args.cutoff_len,
                                                    args.train_on_prompt)
     if len(train_items) < args.batch_size:
@@ -446,9 +447,8 @@ def limit(tasks: dict, args) -> dict:
 
 
 def experts_of(args) -> dict:
-    """The add_experts arguments of the flags."""
-    return dict(targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                alpha=args.alpha, dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
+    """The add_experts arguments of the flags: each has the flag of its name."""
+    return {k: getattr(args, k) for k in adapters.LAYOUT_KEYS}
 
 
 def count_adapters(model_args, experts: dict, flag: str, state: dict | None = None) -> int:
@@ -506,14 +506,3 @@ def example_length(mode: str, tokenizer, ex, limit: int) -> tuple[int, str]:
     n = max(len(data.encode_pair(tokenizer, data.prompt(ex), data.response_for(c))[0])
             for c in ex.candidates)
     return n, "with its longest answer"
-
-
-def warmup_steps(args, total_steps: int, say=print) -> int:
-    """--warmup, or a tenth of a run shorter than it (said in one line): a warm-up that never ends
-    would train the whole run below the learning rate asked for."""
-    if args.warmup < total_steps:
-        return args.warmup
-    steps = math.ceil(total_steps / 10)
-    say(f"--warmup {args.warmup} is not shorter than the run's {total_steps} steps: warming up over "
-        f"{steps} (a tenth of them) instead")
-    return steps

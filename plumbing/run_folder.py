@@ -61,27 +61,22 @@ def set_rng_state(states: list | dict, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, adapters: dict, optimizer: dict, scheduler, step: int, steps_per_epoch: int, args,
-                    before, identity: dict, val_before=None, rng: list | None = None,
-                    loss_window: tuple = (0.0, 0)) -> None:
-    """Everything a resumed run needs, in one file written atomically (write_atomically),
-    so an interrupt leaves either the old checkpoint or the new one, never half of one. Checksums of
-    every entry let a resume tell a damaged file from a good one. adapters: omoe.adapter_state_dict;
-    optimizer: the optimizer's state_dict (both whole, also for a sharded model: parallel.py); rng:
-    every process's rng_state(), rank by rank (default: this process's alone); identity: what the run
-    is beyond its flags (plumbing/gate.py's run_identity), compared on resume."""
-    state = {"adapters": {k: v.cpu() for k, v in adapters.items()},
-             "optimizer": optimizer, "scheduler": scheduler.state_dict(),
-             "rng": rng if rng is not None else [rng_state()], "step": step, "args": vars(args),
-             "before": before, "val_before": val_before, "loss_window": list(loss_window),
-             "data_fingerprint": identity["data"], "identity": identity, "format": CHECKPOINT_FORMAT,
+def save_checkpoint(path: Path, checkpoint: dict, steps_per_epoch: int) -> None:
+    """train.py's checkpoint dict (train.save builds it: adapters, optimizer, scheduler, rng, step,
+    args, before, val_before, loss_window, identity), in one file written atomically
+    (write_atomically), so an interrupt leaves either the old checkpoint or the new one, never half
+    of one. Added here: the format, where in the data the run stands, and checksums of every entry,
+    which let a resume tell a damaged file from a good one."""
+    state = {**checkpoint, "adapters": {k: v.cpu() for k, v in checkpoint["adapters"].items()},
+             "data_fingerprint": checkpoint["identity"]["data"], "format": CHECKPOINT_FORMAT,
              # Informative: the next batch is fixed by the step alone (see data.batch_indices).
-             "data_position": dict(zip(("epoch", "batch_in_epoch"), divmod(step, steps_per_epoch)))}
+             "data_position": dict(zip(("epoch", "batch_in_epoch"),
+                                       divmod(checkpoint["step"], steps_per_epoch)))}
     state["checksums"] = checksums(state)
     try:
         write_atomically(path, lambda f: torch.save(state, f))
     except SaveError as e:
-        raise SaveError(f"step {step}: {e}") from None
+        raise SaveError(f"step {checkpoint['step']}: {e}") from None
 
 
 def write_atomically(path: Path, write, replace: bool = True) -> None:
@@ -290,22 +285,19 @@ def write_json(path: Path, obj, replace: bool = True) -> None:
 
 # ── Resuming: the same run, whatever the text of its command line ─────────────────────────────
 
-# Settings that change what a resumed run computes: a checkpoint made with other values is refused.
-RESUME_MUST_MATCH = ("model", "revision", "tokenizer", "data", "experts", "top_k", "rank", "alpha", "dropout",
-                     "targets", "lora_targets", "orth", "lora", "aux_loss_coef", "dtype", "batch_size", "lr",
-                     "weight_decay", "epochs", "max_steps", "warmup", "schedule", "grad_clip",
-                     "cutoff_len", "train_on_prompt", "seed", "train_limit", "val_fraction")
 PATHS = ("model", "tokenizer", "data")
 
 
-def check_resumable(ckpt: dict, args, path: Path, identity: dict, defaults: dict) -> None:
-    """Refuse a checkpoint made with other settings or another identity (base, tokenizer, data),
-    naming each. Paths are compared resolved; a setting the checkpoint's version did not have
-    matches when its default reproduces that run."""
+def check_resumable(ckpt: dict, args, path: Path, identity: dict, defaults: dict,
+                    must_match: tuple) -> None:
+    """Refuse a checkpoint made with other settings (must_match: the flags that change what a run
+    computes, cli.must_match) or another identity (base, tokenizer, data), naming each. Paths are
+    compared resolved; a setting the checkpoint's version did not have matches when its default
+    reproduces that run."""
     fingerprint = identity["data"]
     saved = upgrade(ckpt)
     differ = []
-    for k in RESUME_MUST_MATCH:
+    for k in must_match:
         now = getattr(args, k)
         was = saved.get(k, defaults.get(k))
         if k in PATHS and was is not None and now is not None:

@@ -569,8 +569,11 @@ while True:
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
-    run_folder.save_checkpoint(Path(sys.argv[1]), omoe.adapter_state_dict(model), optimizer.state_dict(),
-                               scheduler, step, 10, argparse.Namespace(seed=0), None, {{"data": "fingerprint"}})
+    checkpoint = {{"adapters": omoe.adapter_state_dict(model), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "rng": [run_folder.rng_state()], "step": step,
+                  "args": {{"seed": 0}}, "before": None, "val_before": None, "loss_window": [0.0, 0],
+                  "identity": {{"data": "fingerprint"}}}}
+    run_folder.save_checkpoint(Path(sys.argv[1]), checkpoint, 10)
     print(step, flush=True)
 """
 

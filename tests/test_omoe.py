@@ -14,7 +14,8 @@ from plumbing import adapters, cli, diagnostics
 def layer(experts=3, top_k=None, orth="orthonormal", d_in=10, d_out=7, rank=3, dtype=torch.float64, seed=0):
     """An OMoELinear with random (nonzero) B, so that the experts' outputs are not zero."""
     torch.manual_seed(seed)
-    m = OMoELinear(nn.Linear(d_in, d_out, dtype=dtype), experts, top_k, rank, alpha=2 * rank, dropout=0.0, orth=orth)
+    m = OMoELinear(nn.Linear(d_in, d_out, dtype=dtype), experts=experts, top_k=top_k, rank=rank, alpha=2 * rank,
+                   dropout=0.0, orth=orth)
     with torch.no_grad():
         m.lora_B.normal_()
         if m.router is not None:
