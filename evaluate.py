@@ -1,14 +1,18 @@
-"""Evaluate trained adapters: the base model, the adapters put into it, and data.py's scoring.
+"""Evaluate trained adapters: the base model, the adapters put into it, and
+data.py's scoring.
 
-    python evaluate.py                                   # out/adapter, on the embedded tasks
+    python evaluate.py                      # out/adapter, on the embedded tasks
     python evaluate.py --adapter runs/a/adapter --eval-data dataset/ --out runs/a
-    python train.py --eval-only ...                      # the same, with train.py's flags
+    python train.py --eval-only ...         # the same, with train.py's flags
 
-The base model is the one the adapters were trained on (their adapter_config.json says which;
---model overrides it), as in generate.py. The results go to <out>/eval-<data>.json, beside the
-run's own files, which are left as they are. Every input is checked before any work by the gate
-every door shares (plumbing/gate.py); the lesson is: load the base, add the experts, load their
-weights, evaluate.
+The base model is the one the adapters were trained on (their
+adapter_config.json says which; --model overrides it), as in generate.py.
+The results go to <out>/eval-<data>.json, beside the run's own files,
+which are left as they are.
+
+Every input is checked before any work by the gate every door shares
+(plumbing/gate.py). The lesson is: load the base, add the experts, load
+their weights, evaluate.
 """
 import sys
 
@@ -19,14 +23,18 @@ from plumbing import cli, gate, parallel, run_folder
 
 
 def run(args) -> int:
-    env = gate.setup(args, training=False)       # device, processes; --out locked
+    # The device and the processes; --out is locked.
+    env = gate.setup(args, training=False)
     try:
-        inputs = gate.load_evaluation(args, env)  # base, tokenizer, adapters, data: all checked
+        # The base, tokenizer, adapters and data, all checked.
+        inputs = gate.load_evaluation(args, env)
         model = load_model(args, env, inputs)
-        if not args.fsdp:  # under --fsdp they were added before sharding
+        # Under --fsdp the experts were added before sharding.
+        if not args.fsdp:
             omoe.add_experts(model, **inputs.adapter[0])
         parallel.load_adapters(model, inputs.adapter[1])
-        test, val = (evaluate(model, inputs.tokenizer, tasks, args, env) if tasks else {}
+        test, val = (evaluate(model, inputs.tokenizer, tasks, args, env)
+                     if tasks else {}
                      for tasks in (inputs.eval_sets, inputs.val_sets))
         if env.main:
             report(args, env, inputs, test, val)
@@ -37,17 +45,21 @@ def run(args) -> int:
 
 
 def load_model(args, env, inputs):
-    """The base; under --fsdp sharded, with the experts already in (see plumbing/parallel.py)."""
+    """The base; under --fsdp sharded, with the experts already in (see
+    plumbing/parallel.py)."""
     if args.fsdp:
-        return parallel.load_sharded(inputs.model_dir, env.dtype, env.device, args.seed,
-                                     inputs.adapter[0])
-    return Transformer.from_pretrained(inputs.model_dir, dtype=env.dtype, device=env.device)
+        return parallel.load_sharded(inputs.model_dir, env.dtype, env.device,
+                                     args.seed, inputs.adapter[0])
+    return Transformer.from_pretrained(inputs.model_dir, dtype=env.dtype,
+                                       device=env.device)
 
 
 def evaluate(model, tokenizer, tasks, args, env) -> dict:
-    """Accuracy per task; with several processes each answers its share of the examples."""
+    """Accuracy per task; with several processes, each answers its share of
+    the examples."""
     with env.autocast:
-        return data.evaluate_tasks(model, tokenizer, tasks, args.eval_mode, args.eval_batch_size,
+        return data.evaluate_tasks(model, tokenizer, tasks, args.eval_mode,
+                                   args.eval_batch_size,
                                    shared=parallel.shared_answers(env.device))
 
 
@@ -58,9 +70,11 @@ def report(args, env, inputs, test: dict, val: dict) -> None:
         cli.print_table(None, test)
     run_folder.record(env.out, [inputs.results.name])
     run_folder.write_json(inputs.results, {
-        "config": vars(args), "adapter": inputs.adapter[0], "base": inputs.base, "after": test,
-        "val_after": val, "average": {"after": cli.average(test), "val_after": cli.average(val)},
-        "environment": run_folder.environment(env.device)}, replace=args.overwrite)
+        "config": vars(args), "adapter": inputs.adapter[0],
+        "base": inputs.base, "after": test, "val_after": val,
+        "average": {"after": cli.average(test), "val_after": cli.average(val)},
+        "environment": run_folder.environment(env.device)},
+        replace=args.overwrite)
     print(f"\nresults: {inputs.results}")
 
 

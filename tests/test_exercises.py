@@ -118,7 +118,10 @@ def test_exercise_notebook_runs_and_its_checks_say_not_written_yet(name, monkeyp
     """Every code cell, in order, in notebooks/exercises/ as a student runs it; the check cells' reports
     are the ones stored in the notebook."""
     monkeypatch.chdir(EXERCISES)
-    monkeypatch.setattr(sys, "path", list(sys.path))        # the setup cell prepends a folder
+    # As in a kernel started here: this folder first on sys.path, and its setup.py run afresh
+    # (it prepends the project's folder and its own).
+    monkeypatch.setattr(sys, "path", [str(EXERCISES), *sys.path])
+    monkeypatch.delitem(sys.modules, "setup", raising=False)
     threads = torch.get_num_threads()                          # and sets one thread
     namespace = {}
     try:
