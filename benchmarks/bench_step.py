@@ -33,7 +33,7 @@ METHODS = {"LoRA": dict(experts=1), "vanilla MoE-LoRA, 2 soft": dict(experts=2, 
            "OMoE, top-2 of 8": dict(experts=8, top_k=2)}
 
 
-# The length study's methods (benchmarks/study_length.py), as train.py builds them with their flags.
+# The length study's methods (study/length_study.py), as train.py builds them with their flags.
 STUDY_METHODS = {"LoRA r=16": dict(experts=1, rank=16, alpha=32),
                  "normalised LoRA (1 expert)": dict(experts=1, rank=8, alpha=16, orth="normalized"),
                  "vanilla MoE-LoRA soft-2": dict(experts=2, rank=8, alpha=16, orth="none"),

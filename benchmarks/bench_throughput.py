@@ -81,7 +81,7 @@ def throughput(shape: str, steps: int, device: str, log) -> dict:
         stdout = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"study.py: error: the throughput run of {name} failed")
+            raise SystemExit(f"bench_throughput.py: error: the throughput run of {name} failed")
         out[name] = {**json.loads(stdout), "peak_rss_mib": usage.ru_maxrss / 1024}
     return out
 

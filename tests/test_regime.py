@@ -16,14 +16,14 @@ from scipy import stats as scipy_stats
 import omoe
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
+STUDY = ROOT / "study"
 
 
 def load(name):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(STUDY))
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, STUDY / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # the report imports the others by name
     spec.loader.exec_module(module)
@@ -37,7 +37,7 @@ def run_mod():
 
 @pytest.fixture(scope="module")
 def stats():
-    return load("study_stats")
+    return load("stats")
 
 
 def two_experts(orth="none", d_in=16, d_out=12):
@@ -106,7 +106,7 @@ def test_probe_quantities_on_known_inputs(run_mod):
 
 def regime_run(tmp_path, *flags):
     out = tmp_path / "run"
-    command = [sys.executable, str(BENCHMARKS / "regime_run.py"), *flags, "--targets", "o_proj",
+    command = [sys.executable, str(STUDY / "regime_run.py"), *flags, "--targets", "o_proj",
                "--rank", "4", "--alpha", "8", "--data", "assets/world-val", "--eval-limit", "4",
                "--skip-base-eval", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -136,7 +136,7 @@ def test_a_magnitude_run_is_evaluated_again_with_its_magnitude(tmp_path):
                   json.loads((out / "probe.jsonl").read_text().splitlines()[-1])["layers"].values()]
     assert all(m != 1.0 for m in magnitudes)  # learned
     trained = json.loads((out / "results.json").read_text())["val_after"]
-    command = [sys.executable, str(BENCHMARKS / "regime_run.py"), "--magnitude", "--eval-only",
+    command = [sys.executable, str(STUDY / "regime_run.py"), "--magnitude", "--eval-only",
                "--adapter", str(out / "adapter"), "--data", "assets/world-val", "--eval-limit", "4",
                "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -172,12 +172,12 @@ def test_welch_paired_and_intervals_agree_with_scipy(stats):
 
 
 def test_the_design_keeps_its_promises():
-    regime = load("regime")
-    study = load("study")
+    regime = load("regime_design")
+    harness = load("harness")
     assert len(regime.METHODS) == 12 and regime.LENGTHS == (1, 3, 6)
     for name, flags in regime.METHODS.items():
         flags = [f for f in flags if f not in regime.WRAPPER_FLAGS]
-        n = study.trainable_parameters(flags)
+        n = harness.trainable_parameters(flags)
         share = n / (918_144 + n)
         assert 0.003 <= share <= 0.03, (name, share)
         assert int(flags[flags.index("--rank") + 1]) >= 4  # a rank-1 expert is a direction and a sign

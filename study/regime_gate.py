@@ -1,7 +1,7 @@
 """The regime's gate: at which placement does a rank-8 LoRA clearly beat a rank-4 one?
 
-    python benchmarks/regime_gate.py            # every run not yet recorded (--jobs 2, one thread each)
-    python benchmarks/regime_gate.py --report   # the table from the records so far
+    python study/regime_gate.py            # every run not yet recorded (--jobs 2, one thread each)
+    python study/regime_gate.py --report   # the table from the records so far
 
 What it runs, and what passes, was written before its first run: study/regime/GATE.md. Records go to
 study/regime/gate/<placement>/r<rank>-seed<seed>.json; a run without a record is run again.
@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from study import write_text  # noqa: E402
+sys.path.insert(0, str(ROOT / "study"))
+from common import write_text  # noqa: E402
 
 OUT = ROOT / "study" / "regime" / "gate"
 PLACEMENTS = ("q_proj,v_proj", "k_proj,v_proj", "up_proj", "down_proj")

@@ -1,4 +1,4 @@
-"""benchmarks/regime.py's report: its records -> study/regime/results.md and results.json.
+"""The regime study's report: its records -> study/regime/results.md and results.json.
 
 Everything is computed from the records alone, so it can be rewritten from a partial study: a cell
 whose sweep or seeds are unfinished says so, and the planned comparisons are Holm-adjusted over the
@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import regime  # noqa: E402
-import study  # noqa: E402
-import study_report  # noqa: E402
-import study_stats  # noqa: E402
+sys.path.insert(0, str(ROOT / "study"))
+import common  # noqa: E402
+import harness  # noqa: E402
+import regime_design  # noqa: E402
+import report  # noqa: E402
+import stats  # noqa: E402
 
 LORA4, LORA8, LORA9 = (f"LoRA r={r} ({w})" for r, w in ((4, "one expert's rank"),
                                                          (8, "two experts' rank"),
@@ -34,18 +35,18 @@ COMPARISONS = [  # (id, method, against, the question): study/regime/DESIGN.md
     ("C10", "OMoE top-2 of 4", "vanilla top-2 of 4", "Gram–Schmidt under sparse routing"),
     ("C11", "vanilla top-2 of 4 + balance loss", "vanilla top-2 of 4", "does balancing help?"),
 ]
-FAMILY = len(COMPARISONS) * len(regime.LENGTHS)
+FAMILY = len(COMPARISONS) * len(regime_design.LENGTHS)
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
 
 
-def final_probes(arm: study.Study, method: str, pick: str) -> list[list[dict]]:
+def final_probes(arm: harness.Study, method: str, pick: str) -> list[list[dict]]:
     """Each final seed's probe entries (the sweep's run for seeds 0 and 1, whose retest has none)."""
     out = []
     for seed in arm.s.final_seeds:
         stage = "sweep" if seed in arm.s.sweep_seeds else "final"
-        r = arm.record(study.Run(method, stage, seed, pick))
+        r = arm.record(harness.Run(method, stage, seed, pick))
         if r and r.get("probe") and r["probe"][-1]["layers"]:  # a LoRA has no experts to probe
             out.append(r["probe"])
     return out
@@ -70,7 +71,7 @@ def probe_summary(probes: list[list[dict]]) -> dict:
                                                     for p in probes]) if None not in v]
               for k in ("abs_cos", "out_erank", "mi_soft", "switched", "magnitude")}
     magnitudes = [layer["magnitude"] for layer in layers if "magnitude" in layer]
-    return {"seeds": len(probes), "end": {k: study.mean_std(v) for k, v in end.items() if v},
+    return {"seeds": len(probes), "end": {k: common.mean_std(v) for k, v in end.items() if v},
             "collapsed_share": sum(collapsed) / len(collapsed),
             "magnitude_above_1_5": (sum(m > 1.5 for m in magnitudes) / len(magnitudes)
                                     if magnitudes else None),
@@ -79,19 +80,19 @@ def probe_summary(probes: list[list[dict]]) -> dict:
 
 
 def summarise_arm(epochs: int) -> dict:
-    arm = regime.arm(epochs, log=lambda *_: None)
-    rs = study_report.records(arm.out)
+    arm = regime_design.arm(epochs, log=lambda *_: None)
+    rs = report.records(arm.out)
     out = {}
     for method in arm.s.methods:
         mine = [r for r in rs if r["method"] == method]
-        s = study_report.summarise(method, mine, arm.s)
+        s = report.summarise(method, mine, arm.s)
         share = next((r["share"] for r in mine if r.get("share")), None)
         probes = final_probes(arm, method, s["picked_lr"]) if s["picked_lr"] else []
-        s.update(share=share, ci=study_stats.mean_ci(s["test"])[1] if len(s["test"]) > 1 else None,
+        s.update(share=share, ci=stats.mean_ci(s["test"])[1] if len(s["test"]) > 1 else None,
                  cpu_seconds=[r["cpu_seconds"] for r in mine if r["stage"] in ("sweep", "final")],
                  probe=probe_summary(probes))
         out[method] = s
-    return {"methods": out, "baselines": study_report.baselines(rs), "records": len(rs),
+    return {"methods": out, "baselines": report.baselines(rs), "records": len(rs),
             "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs})}
 
 
@@ -99,13 +100,13 @@ def comparisons(by_length: dict) -> list[dict]:
     """Every planned comparison whose two cells have all their seeds, Holm-adjusted over the family."""
     rows = []
     for epochs, arm in by_length.items():
-        seeds = len(regime.settings(epochs).final_seeds)
+        seeds = len(regime_design.settings(epochs).final_seeds)
         for cid, a, b, question in COMPARISONS:
             ta, tb = (arm["methods"].get(m, {}).get("test", []) for m in (a, b))
             complete = len(ta) == len(tb) == seeds
             rows.append({"id": cid, "epochs": epochs, "a": a, "b": b, "question": question,
-                         **(study_stats.compare(ta, tb) if complete else {})})
-    return study_stats.adjust(rows, FAMILY)
+                         **(stats.compare(ta, tb) if complete else {})})
+    return stats.adjust(rows, FAMILY)
 
 
 def answers(by_length: dict, rows: list[dict]) -> list[str]:
@@ -152,12 +153,12 @@ def method_row(name: str, m: dict) -> str:
     def cell(key, form="{:.2f}"):
         return form.format(end[key][0]) if key in end else "—"
     seeds = len(m["test"])
-    test = study_report.fmt(m["test"]) + ("" if seeds == 5 else f" ({seeds} seeds)")
+    test = report.fmt(m["test"]) + ("" if seeds == 5 else f" ({seeds} seeds)")
     ci = "" if m["ci"] is None else f"{m['ci']:.3f}"
     lr = m["picked_lr"] + (" (edge)" if m["pick_at_edge"] else "")
     collapsed = f"{probe['collapsed_share']:.2f}" if probe else "—"
     load = f"{probe['max_load_share']:.2f}" if probe else "—"
-    return (f"| {name} | {share} | {lr} | {study_report.fmt(m['sweep'][m['picked_lr']])} | {test} "
+    return (f"| {name} | {share} | {lr} | {report.fmt(m['sweep'][m['picked_lr']])} | {test} "
             f"| {ci} | {cell('abs_cos')} | {cell('out_erank')} | {collapsed} | {load} | "
             f"{cell('mi_soft', '{:.3f}')} | {cell('magnitude')} |")
 
@@ -168,7 +169,7 @@ def comparison_row(r: dict) -> str:
         return head + " not all seeds yet |" + " |" * 5
     lo, hi = r["ci"]
     pl, ph = r["paired"]["ci"]
-    fmt_p = study_stats.fmt_p
+    fmt_p = stats.fmt_p
     return (head + f" {r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {fmt_p(r['p'])} | "
             f"{fmt_p(r['p_holm'])} | **{r['verdict']}** | {pl:+.3f}, {ph:+.3f} "
             f"(p {fmt_p(r['paired']['p'])}) | {r['noise_rule']} |")
@@ -192,7 +193,7 @@ def markdown(by_length: dict, rows: list[dict]) -> str:
                   "| method | share | lr | val at pick | test | ±95% | abs cos | out erank | "
                   "collapsed | max load | MI | magnitude |", "|" + "---|" * 12]
         if base["majority"]:
-            lines.append(f"| majority label | | | | {study.average(base['majority']):.3f} |"
+            lines.append(f"| majority label | | | | {common.average(base['majority']):.3f} |"
                          + " |" * 7)
         lines += [method_row(name, m) for name, m in arm["methods"].items()] + [""]
     lines += ["## The planned comparisons", "",
@@ -206,7 +207,7 @@ def markdown(by_length: dict, rows: list[dict]) -> str:
     lines += ["## Time per run (CPU seconds of one thread, mean over the method's training runs)", "",
               "| method | " + " | ".join(f"{e} epoch{'s' if e > 1 else ''}" for e in by_length) + " |",
               "|---|" + "---|" * len(by_length)]
-    for name in regime.METHODS:
+    for name in regime_design.METHODS:
         cells = [by_length[e]["methods"].get(name, {}).get("cpu_seconds") for e in by_length]
         lines.append(f"| {name} | " + " | ".join(f"{statistics.mean(c):.0f}" if c else "—"
                                                  for c in cells) + " |")
@@ -251,20 +252,20 @@ def figure(by_length: dict, path: Path) -> None:
     fig.suptitle("The experts over training, at each method's pick (mean over seeds and layers)",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    study.save_figure(fig, path, 110)
+    common.save_figure(fig, path, 110)
     plt.close(fig)
 
 
 def write() -> dict:
-    by_length = {e: summarise_arm(e) for e in regime.LENGTHS}
+    by_length = {e: summarise_arm(e) for e in regime_design.LENGTHS}
     rows = comparisons(by_length)
     summary = {"lengths": by_length, "comparisons": rows, "family": FAMILY}
-    study.write_text(regime.OUT / "results.json", json.dumps(summary, indent=1) + "\n")
-    study.write_text(regime.OUT / "results.md", markdown(by_length, rows))
-    figure(by_length, regime.OUT / "probe.png")
+    common.write_text(regime_design.OUT / "results.json", json.dumps(summary, indent=1) + "\n")
+    common.write_text(regime_design.OUT / "results.md", markdown(by_length, rows))
+    figure(by_length, regime_design.OUT / "probe.png")
     return summary
 
 
 if __name__ == "__main__":
     write()
-    print(f"wrote {regime.OUT / 'results.md'}")
+    print(f"wrote {regime_design.OUT / 'results.md'}")

@@ -1,6 +1,6 @@
 """A control for the length study: train.py whose layers change `orth` once, after step K.
 
-    python benchmarks/switch_run.py --switch-at 48 --switch-to none  <train.py's flags>
+    python study/switch_run.py --switch-at 48 --switch-to none  <train.py's flags>
 
 Does normalising the experts' outputs help because it gives the first updates their length (a
 normalised output is unit-long from the first step, where plain LoRA's grows from B = 0), or does it
@@ -14,7 +14,7 @@ by the mean length of its normalised denominator over the tokens of the next bat
 moments of B with it), so that e_i = s·B_i h_i starts out as long as q_i was. The reverse cannot be
 continuous (a normalised output has unit length whatever B is): it is switched as it is. Everything
 else is train.py's own run, records and files; such a run does not resume (its flags say neither
-orth). The study runs it through benchmarks/study.py when a method's flags hold --switch-at.
+orth). The study runs it through harness.py when a method's flags hold --switch-at.
 """
 import argparse
 import sys

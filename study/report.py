@@ -1,4 +1,4 @@
-"""benchmarks/study.py's results: its run records -> summaries, results.json, results.md, lr.png.
+"""The results of a study run by harness.py: its run records -> summaries, results.json, results.md, lr.png.
 
 Everything here is computed from the records in <out>/runs/ alone, so it can be rewritten after each run
 and from a partial study (a method whose sweep is unfinished has no pick yet, and says so).
@@ -7,12 +7,9 @@ import json
 import statistics
 from pathlib import Path
 
-import study
-import study_stats
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+import common
+import harness
+import stats
 
 
 def records(out: Path) -> list[dict]:
@@ -22,17 +19,17 @@ def records(out: Path) -> list[dict]:
 def summarise(method: str, rs: list[dict], s) -> dict:
     """One method's records -> its sweep, pick, test seeds, 90% steps, alpha check and diagnostics."""
     rates = sorted({*s.rates(method), *(r["lr"] for r in rs if r["stage"] == "sweep")}, key=float)
-    sweep = {lr: [study.average(r["val"]) for r in rs if r["stage"] == "sweep" and r["lr"] == lr] for lr in rates}
+    sweep = {lr: [common.average(r["val"]) for r in rs if r["stage"] == "sweep" and r["lr"] == lr] for lr in rates}
     swept = [lr for lr in s.rates(method)]
     complete = all(len(sweep[lr]) == len(s.sweep_seeds) for lr in swept)
-    beyond = study.extension({lr: sweep[lr] for lr in swept}) if complete and s.extend else None
+    beyond = harness.extension({lr: sweep[lr] for lr in swept}) if complete and s.extend else None
     if beyond:
         swept.append(beyond)
         complete = len(sweep.get(beyond, [])) == len(s.sweep_seeds)
-    pick = study.pick_lr({lr: sweep[lr] for lr in swept}) if complete else None
+    pick = harness.pick_lr({lr: sweep[lr] for lr in swept}) if complete else None
     final = sorted((r for r in rs if r["stage"] in ("final", "retest") and r["lr"] == pick), key=lambda r: r["seed"])
     curves = [r["val_curve"] for r in final if r["val_curve"]]
-    alpha = {f: [study.average(r["val"]) for r in rs if r["stage"] == "alpha" and r["alpha_factor"] == f]
+    alpha = {f: [common.average(r["val"]) for r in rs if r["stage"] == "alpha" and r["alpha_factor"] == f]
              for f in s.alpha_factors}
     diag = [r["diagnostics"] for r in final if r["diagnostics"]]
     # A retest evaluates a sweep run's adapters: its training loss is that run's.
@@ -43,13 +40,13 @@ def summarise(method: str, rs: list[dict], s) -> dict:
         "sweep": {lr: v for lr, v in sweep.items() if v},
         "picked_lr": pick,
         "pick_at_edge": pick in (min(swept, key=float), max(swept, key=float)),
-        "test": [study.average(r["test"]) for r in final],
+        "test": [common.average(r["test"]) for r in final],
         "test_tasks": {t: [r["test"][t] for r in final] for t in (final[0]["test"] if final else {})},
         "seeds": [r["seed"] for r in final],
         "train_loss": [trained.get((r["seed"], r["lr"])) for r in final],
-        "steps_to_90": [study.steps_to_fraction(c) for c in curves],
+        "steps_to_90": [harness.steps_to_fraction(c) for c in curves],
         "final_val": [c[-1][1] for c in curves],
-        "alpha": {f: v for f, v in {1.0: [study.average(r["val"]) for r in final if r["stage"] == "final"],
+        "alpha": {f: v for f, v in {1.0: [common.average(r["val"]) for r in final if r["stage"] == "final"],
                                     **alpha}.items() if v},
         "cos_before": {b: statistics.mean(d[b]["cos_before"] for d in diag) for b in blocks},
         "sweep_run_seconds": [r["wall_seconds"] for r in rs if r["stage"] == "sweep"],
@@ -71,16 +68,16 @@ def baselines(rs: list[dict]) -> dict:
 def fmt(xs: list[float]) -> str:
     if not xs:
         return "—"
-    mean, std = study.mean_std(xs)
+    mean, std = common.mean_std(xs)
     return f"{mean:.3f} ± {std:.3f}" if len(xs) > 1 else f"{mean:.3f}"
 
 
 def comparisons(methods: dict) -> list[dict]:
     """Each method with all its seeds against the reference: Welch's test, Holm over them all."""
-    ref = methods.get(study.REFERENCE, {}).get("test", [])
-    rows = [{"a": name, "b": study.REFERENCE, **study_stats.compare(m["test"], ref)}
-            for name, m in methods.items() if name != study.REFERENCE and m["test"]]
-    return study_stats.adjust(rows)
+    ref = methods.get(harness.REFERENCE, {}).get("test", [])
+    rows = [{"a": name, "b": harness.REFERENCE, **stats.compare(m["test"], ref)}
+            for name, m in methods.items() if name != harness.REFERENCE and m["test"]]
+    return stats.adjust(rows)
 
 
 def tested(methods: dict) -> list[str]:
@@ -92,29 +89,29 @@ def tested(methods: dict) -> list[str]:
              "| method | test average [95% interval] |", "|---|---|"]
     for name, m in methods.items():
         if len(m["test"]) > 1:
-            mean, half = study_stats.mean_ci(m["test"])
+            mean, half = stats.mean_ci(m["test"])
             lines.append(f"| {name} | {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] |")
     return lines + ["", f"Welch's t-test, Holm-adjusted over the {len(rows)} comparisons; a verdict is 'higher' or "
                     "'lower' where Holm's p is below 0.05, else 'no difference shown'.", "",
-                    *study_stats.table(rows)]
+                    *stats.table(rows)]
 
 
 def markdown(summary: dict, s) -> str:
     methods, base = summary["methods"], summary["baselines"]
     tasks = sorted(base["test"]["chance"])
-    ref = methods.get(study.REFERENCE, {}).get("test", [])
+    ref = methods.get(harness.REFERENCE, {}).get("test", [])
     rates = sorted({lr for m in methods.values() for lr in m["sweep"]}, key=float)
     n_seeds = len(s.final_seeds)
     header = ["method", "trainable", "picked lr", "val at the pick", "test average", *tasks,
-              "steps to 90% of final val", f"vs {study.REFERENCE} (noise rule)"]
+              "steps to 90% of final val", f"vs {harness.REFERENCE} (noise rule)"]
     lines = [f"### Held-out test accuracy at each method's learning rate, picked on validation "
              f"({n_seeds} seeds, mean ± std)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in ("base model", "chance", "majority"):
         row = base["test"][name]
         if row:
-            val = f"{study.average(base['val'][name]):.3f}" if base["val"][name] else ""
-            lines.append(f"| {name} | | | {val} | {study.average(row):.3f} | "
+            val = f"{common.average(base['val'][name]):.3f}" if base["val"][name] else ""
+            lines.append(f"| {name} | | | {val} | {common.average(row):.3f} | "
                          + " | ".join(f"{row[t]:.3f}" for t in tasks) + " | | |")
     for name, m in methods.items():
         if m["picked_lr"] is None:
@@ -122,23 +119,23 @@ def markdown(summary: dict, s) -> str:
             cells += [""] * (len(header) - 3)
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        verdict = ("—" if name == study.REFERENCE else "n/a" if min(len(ref), len(m["test"])) < 2 else
-                   "within noise" if study.within_noise(m["test"], ref) else
+        verdict = ("—" if name == harness.REFERENCE else "n/a" if min(len(ref), len(m["test"])) < 2 else
+                   "within noise" if harness.within_noise(m["test"], ref) else
                    "lower" if statistics.mean(m["test"]) < statistics.mean(ref) else "higher")
         lr = m["picked_lr"] + (" (edge)" if m["pick_at_edge"] else "")
-        steps = "—" if not m["steps_to_90"] else "{:.0f} ± {:.0f}".format(*study.mean_std(m["steps_to_90"])) \
+        steps = "—" if not m["steps_to_90"] else "{:.0f} ± {:.0f}".format(*common.mean_std(m["steps_to_90"])) \
             if len(m["steps_to_90"]) > 1 else f"{m['steps_to_90'][0]}"
         seeds = "" if len(m["test"]) == n_seeds else f" ({len(m['test'])} seeds so far)"
         per_task = [f"{statistics.mean(m['test_tasks'][t]):.3f}" if m["test_tasks"] else "—" for t in tasks]
         lines.append(f"| {name} | {m['trainable']:,} | {lr} | {fmt(m['sweep'][m['picked_lr']])} | "
                      f"{fmt(m['test'])}{seeds} | " + " | ".join(per_task) + f" | {steps} | {verdict} |")
     lines += ["", "(edge): the picked rate is the sweep's smallest or largest; the best rate may lie outside it.",
-              f"vs {study.REFERENCE}: the noise rule, a gap of more than twice the standard error of the difference "
+              f"vs {harness.REFERENCE}: the noise rule, a gap of more than twice the standard error of the difference "
               "(about p < 0.1 with 5 seeds, uncorrected: a rough rule, kept beside the tests below).",
               *tested(methods), "",
               f"### Validation accuracy over the learning-rate sweep (mean ± std over {len(s.sweep_seeds)} seeds; "
               "**bold**: the pick)", "", "| method | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]
-    val_baselines = {n: study.average(base["val"][n]) for n in ("chance", "majority") if base["val"][n]}
+    val_baselines = {n: common.average(base["val"][n]) for n in ("chance", "majority") if base["val"][n]}
     for name, value in val_baselines.items():  # the same at every rate: no model involved
         lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in rates) + " |")
     for name, m in methods.items():
@@ -211,14 +208,14 @@ def figure(summary: dict, s, path: Path) -> None:
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         if majority:
-            ax.axhline(study.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
+            ax.axhline(common.average(majority), color="grey", linewidth=0.8, linestyle=":", label="majority label")
     for name, m in summary["methods"].items():
         lrs = sorted((lr for lr in m["sweep"] if m["sweep"][lr]), key=float)
         if not lrs:
             continue
-        ax = axes[int(study.normalises(summary["flags"][name]))]
+        ax = axes[int(harness.normalises(summary["flags"][name]))]
         mean = [statistics.mean(m["sweep"][lr]) for lr in lrs]
-        std = [study.mean_std(m["sweep"][lr])[1] for lr in lrs]
+        std = [common.mean_std(m["sweep"][lr])[1] for lr in lrs]
         line = ax.errorbar([float(lr) for lr in lrs], mean, yerr=std, marker="o", capsize=2, label=name)
         if m["picked_lr"]:
             ax.plot(float(m["picked_lr"]), statistics.mean(m["sweep"][m["picked_lr"]]), marker="*", markersize=14,
@@ -231,7 +228,7 @@ def figure(summary: dict, s, path: Path) -> None:
     fig.suptitle(f"Accuracy against learning rate (mean ± std over {len(s.sweep_seeds)} seeds; ★ the pick)",
                  fontsize=11)
     fig.tight_layout()
-    study.save_figure(fig, path, 120)
+    common.save_figure(fig, path, 120)
     plt.close(fig)
 
 
@@ -242,7 +239,7 @@ def write(out: Path, s, runner=None) -> dict:
                "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs}),
                "methods": {m: summarise(m, [r for r in rs if r["method"] == m], s) for m in s.methods}}
     summary["comparisons"] = comparisons(summary["methods"])
-    study.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
-    study.write_text(out / "results.md", markdown(summary, s))
+    common.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    common.write_text(out / "results.md", markdown(summary, s))
     figure(summary, s, out / "lr.png")
     return summary

@@ -1,9 +1,6 @@
-"""What makes OMoE work? A seeded study on the embedded tiny LLaMA, each method at its own learning rate.
-
-    python benchmarks/study.py --plan      # the runs and the estimated time, without running anything
-    python benchmarks/study.py             # the full study (about 3 hours on a quiet 2-core CPU, --jobs 2)
-    python benchmarks/study.py --quick     # every stage once, small: 21 runs, about 6 minutes
-    python benchmarks/study.py --report    # the tables and figure from the records so far, running nothing
+"""The protocol every study here follows, and the one-epoch study's methods: a seeded study on the
+embedded tiny LLaMA, each method at its own learning rate. one_epoch_study.py runs it as it is;
+length_study.py and regime_study.py change its settings.
 
 The protocol, for every method (train.py's embedded recipe with the method's flags, on assets/world-val:
 the embedded tasks with 32 of the 192 fine-tuning creatures held out of training as validation):
@@ -24,9 +21,7 @@ time: on a small CPU that is faster than one process of several threads). What a
 to <out>/runs/<method>/<run>.json, small files kept in the repository; the run's own folder (adapters,
 logs) goes to <out>/work/, which is not. A run whose record exists is not run again: an interrupted study,
 rerun with the same command, continues where it stopped; a record made with other flags is an error.
-After every run <out>/results.json, results.md and lr.png are rewritten from the records so far.
 """
-import argparse
 import json
 import os
 import shutil
@@ -42,10 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "study"))
 import omoe  # noqa: E402
-import study_report  # noqa: E402
-from plumbing.base import files  # noqa: E402
+from common import average, portable, slug, write_text  # noqa: E402
 from plumbing.diagnostics import diagnostics_by_block  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from train import EMBEDDED  # noqa: E402
@@ -90,7 +84,7 @@ RELATIVE_COST = {"LoRA r=16": 1.0, MATCHED: 1.05, "normalised LoRA (1 expert)": 
 STAGE_COST = {"sweep": 1.0, "alpha": 1.0, "retest": 0.45, "final": 1.0 + 0.25 + 0.17 * 4}
 
 
-SWITCH = "--switch-at"  # a method run by benchmarks/switch_run.py, which changes orth after some steps
+SWITCH = "--switch-at"  # a method run by switch_run.py, which changes orth after some steps
 
 
 def train_flags(flags: list[str]) -> list[str]:
@@ -137,27 +131,9 @@ def methods() -> dict[str, list[str]]:
     rank = matched_lora_rank(trainable_parameters(out[REFERENCE]))
     out[MATCHED] = ["--lora", "--rank", str(rank), "--alpha", str(2 * rank)]
     if "normalized" not in omoe.ORTH_MODES:
-        print("study.py: omoe.py has no orth='normalized' yet: the normalised methods are left out")
+        print("harness.py: omoe.py has no orth='normalized' yet: the normalised methods are left out")
         out = {k: v for k, v in out.items() if "normalized" not in v}
     return out
-
-
-def write_text(path: Path, text: str) -> None:
-    """A record or report written whole or not at all, never through a link (the project's one way
-    to create a file, plumbing/base/files.py)."""
-    files.write_file(path, lambda f: f.write(text.encode()))
-
-
-def save_figure(fig, path: Path, dpi: int) -> None:
-    """A matplotlib figure as a PNG, written the same way."""
-    files.write_file(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
-
-
-def portable(path: Path) -> str:
-    """A path for a run's flags, relative to the repository (where runs start) when inside it, so that
-    the records read the same in any checkout of it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # ── The plan: every run, its flags and what it waits for ──────────────────────────────────────────
@@ -237,10 +213,6 @@ def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.9) -> 
     return next(step for step, acc in curve if acc >= fraction * final)
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 def within_noise(a: list[float], b: list[float]) -> bool:
     """Two methods' seed means differ by less than twice the standard error of the difference (a rough
     two-sigma rule: with 5 seeds, only large gaps count)."""
@@ -253,11 +225,6 @@ def last_loss(log: list[dict]) -> float | None:
     return next((e["loss"] for e in reversed(log) if "loss" in e), None)
 
 
-def average(result: dict) -> float:
-    """A run's per-task accuracies -> their mean (the published tables average tasks, not questions)."""
-    return statistics.mean(result.values())
-
-
 # ── Running ────────────────────────────────────────────────────────────────────────────────────
 
 class Study:
@@ -266,7 +233,7 @@ class Study:
         self.runs_dir, self.work = out / "runs", out / "work"
 
     def record_path(self, run: Run) -> Path:
-        return self.runs_dir / study_report.slug(run.method) / f"{run.name}.json"
+        return self.runs_dir / slug(run.method) / f"{run.name}.json"
 
     def record(self, run: Run) -> dict | None:
         path = self.record_path(run)
@@ -300,7 +267,7 @@ class Study:
     def flags(self, run: Run) -> list[str]:
         """train.py's command line for a (resolved) run."""
         method = self.s.methods[run.method]
-        work = self.work / study_report.slug(run.method)
+        work = self.work / slug(run.method)
         if run.stage == "retest":  # the sweep run's saved adapters, on the test (and validation again)
             sweep_dir = work / Run(run.method, "sweep", run.seed, run.lr).name
             return ["--eval-only", "--adapter", portable(sweep_dir / "adapter"), "--data", portable(DATA),
@@ -323,7 +290,7 @@ class Study:
 
     def execute(self, run: Run) -> dict:
         """One train.py process of one thread -> its record (written last: a run without one is not done)."""
-        flags, folder = self.flags(run), self.work / study_report.slug(run.method) / run.name
+        flags, folder = self.flags(run), self.work / slug(run.method) / run.name
         if run.stage == "retest" and not (ROOT / flags[2] / "adapter_config.json").is_file():
             # The sweep's adapters are not kept in the repository: without them, train that run again.
             sweep = Run(run.method, "sweep", run.seed, run.lr)
@@ -374,7 +341,7 @@ class Study:
 
     def script(self, flags: list[str]) -> Path:
         """The program a run's flags are for: train.py, or the control's wrapper of it."""
-        return ROOT / ("benchmarks/switch_run.py" if SWITCH in flags else "train.py")
+        return ROOT / ("study/switch_run.py" if SWITCH in flags else "train.py")
 
     def extra(self, folder: Path, result: dict, log: list[dict]) -> dict:
         """What a study adds to each record from the run's folder (nothing here)."""
@@ -386,7 +353,8 @@ class Study:
             resolved = self.resolve(run)
             record = self.record(resolved) if resolved and resolved is not NO_RUN else None
             if record is not None and record["flags"] != self.flags(resolved):
-                raise SystemExit(f"study.py: error: {self.record_path(resolved)} was made with other flags "
+                program = Path(sys.argv[0]).name  # the study's command, as argparse names it
+                raise SystemExit(f"{program}: error: {self.record_path(resolved)} was made with other flags "
                                  f"({' '.join(record['flags'])}); use another --out or delete it")
 
     def run_all(self, runs: list[Run], jobs: int, on_record) -> None:
@@ -435,64 +403,3 @@ def run_all(runs: list[tuple[Study, Run]], jobs: int, on_record, log=print) -> N
                 future.result()
                 log(f"done  {run.method}: {run.name}")
                 on_record()
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "study"), help="folder of the records, work folders and results")
-    p.add_argument("--quick", action="store_true", help="every stage once, small: 4 methods, 3 rates, 60 steps, "
-                                                        "32 questions per task (out: study/quick)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
-    p.add_argument("--plan", action="store_true", help="print the runs and the estimated time, run nothing")
-    p.add_argument("--first", action="append", default=[], metavar="METHOD",
-                   help="run this method's runs before the others (repeatable, in the order given; the rest follow "
-                        "in plan order)")
-    p.add_argument("--report", action="store_true",
-                   help="rewrite results.json, results.md and lr.png from the records so far, run nothing")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
-    all_methods = methods()
-    if args.quick:
-        settings = Settings({k: v for k, v in all_methods.items() if k in QUICK["methods"]},
-                            **{k: v for k, v in QUICK.items() if k != "methods"})
-        out = Path(args.out) / "quick" if args.out == str(ROOT / "study") else Path(args.out)
-    else:
-        settings, out = Settings(all_methods), Path(args.out)
-    settings.alpha_methods = tuple(m for m in settings.alpha_methods if m in settings.methods)
-    start = time.time()
-    log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
-    unknown = [m for m in args.first if m not in settings.methods]
-    if unknown:
-        p.error(f"--first {unknown[0]!r}: not a method of the study ({', '.join(settings.methods)})")
-    study = Study(out, settings, log)
-    first = {m: i for i, m in enumerate(args.first)}  # in the order given; the rest after, in plan order
-    runs = sorted(plan(settings), key=lambda run: first.get(run.method, len(first)))
-    study.check_records(runs)
-    if args.plan:
-        for run in runs:
-            resolved = study.resolve(run) or run
-            status = "done" if study.resolve(run) and study.record(resolved) else "to run"
-            print(f"{status:<7} {run.method:<36} {resolved.name:<34} {' '.join(settings.methods[run.method])}")
-        left = study.estimate(runs, args.jobs)
-        print(f"\n{len(runs)} runs; estimated {left / 3600:.1f} h ({left / 60:.0f} min) for those left, "
-              f"{args.jobs} at a time")
-        return
-    if args.report:
-        study_report.write(out, settings, study)
-        print(f"wrote {out / 'results.md'} from the records in {out / 'runs'}")
-        return
-
-    def write():  # a failing report must not stop hours of runs: their records are what counts
-        try:
-            study_report.write(out, settings, study)
-        except Exception as e:  # noqa: BLE001
-            log(f"writing the report failed ({type(e).__name__}: {e}); the runs go on")
-
-    study.run_all(runs, args.jobs, write)
-    study_report.write(out, settings, study)
-    log(f"wrote {out / 'results.md'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """train.py for the regime study: two of its arms, and a probe of the experts over training.
 
-    python benchmarks/regime_run.py [--tie-experts] [--magnitude] [--probe-every N] <train.py's flags>
+    python study/regime_run.py [--tie-experts] [--magnitude] [--probe-every N] <train.py's flags>
 
 --tie-experts  every expert of a layer starts as expert 0 and its gradient is the mean over the
                experts, so the experts stay identical for the whole run: collapse built in. Under
@@ -15,7 +15,7 @@
                PROBE_PER_TASK validation questions of each task with their right answers) and what
                they do is appended to <out>/probe.jsonl: see `probe` for every quantity.
 
-Everything else is train.py's own run, files and records; benchmarks/regime.py runs it.
+Everything else is train.py's own run, files and records; regime_study.py runs it.
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""The length study's report: benchmarks/study_length.py's records -> study/length/results.md, results.json and
+"""The length study's report: length_study.py's records -> study/length/results.md, results.json and
 curves.png. Everything here is computed from the records alone (and the validation files, for which label
 is the majority one), so it can be rewritten at any time from a partial study.
 
@@ -8,7 +8,7 @@ is the majority one), so it can be rewritten at any time from a partial study.
      and at equal compute (steps scaled by each method's measured time per step, study/step_times.json);
   3. the plateau: what a run answers while its validation accuracy is near the majority label, and when each
      seed leaves it;
-  4. the control (benchmarks/switch_run.py): a method switched from normalised to plain, and the reverse.
+  4. the control (switch_run.py): a method switched from normalised to plain, and the reverse.
 """
 import json
 import statistics
@@ -17,31 +17,32 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import study  # noqa: E402
-import study_length  # noqa: E402
-import study_report  # noqa: E402
-import study_stats  # noqa: E402
+sys.path.insert(0, str(ROOT / "study"))
+import common  # noqa: E402
+import harness  # noqa: E402
+import length_study  # noqa: E402
+import report  # noqa: E402
+import stats  # noqa: E402
 
-OUT = study_length.OUT
-STEP_TIMES = ROOT / "study" / "step_times.json"  # benchmarks/bench_step.py --study-methods writes it
+OUT = length_study.OUT
+STEP_TIMES = ROOT / "study" / "step_times.json"  # benchmarks/bench_step.py --study writes it
 MARGIN = 0.10  # a run has left the plateau once its validation average is this far above the majority label
 
 
 def val_majority() -> dict[str, tuple[str, float]]:
     """{task: (its validation set's most frequent gold label, that label's share)}."""
     out = {}
-    for path in sorted((study.DATA).glob("*/val.json")):
+    for path in sorted((harness.DATA).glob("*/val.json")):
         counts = Counter(r["answer"] for r in json.loads(path.read_text()))
         label, n = counts.most_common(1)[0]
         out[path.parent.name] = (label, n / sum(counts.values()))
     return out
 
 
-def method_summary(arm: study.Study, method: str) -> dict:
-    """study_report's summary of one method of one arm, and the curves of all its seeds at the pick."""
-    rs = [r for r in study_report.records(arm.out) if r["method"] == method]
-    s = study_report.summarise(method, rs, arm.s)
+def method_summary(arm: harness.Study, method: str) -> dict:
+    """report.py's summary of one method of one arm, and the curves of all its seeds at the pick."""
+    rs = [r for r in report.records(arm.out) if r["method"] == method]
+    s = report.summarise(method, rs, arm.s)
     pick = s["picked_lr"]
     runs = sorted((r for r in rs if r["lr"] == pick and r["stage"] in ("sweep", "final") and r["val_curve"]),
                   key=lambda r: r["seed"])
@@ -63,7 +64,7 @@ def earlier_machine(method: str, lr: str | None) -> list[float]:
 def verdict(a: list[float], b: list[float]) -> str:
     if min(len(a), len(b)) < 2:
         return "n/a"
-    if study.within_noise(a, b):
+    if harness.within_noise(a, b):
         return "within noise"
     return "higher" if statistics.mean(a) > statistics.mean(b) else "lower"
 
@@ -102,23 +103,23 @@ def plateau_answers(summary: dict, majority: dict, mean_majority: float) -> dict
 
 
 def fmt(xs) -> str:
-    return study_report.fmt(xs)
+    return report.fmt(xs)
 
 
 def summaries() -> dict:
-    arms = {e: study_length.arm(e) for e in study_length.LENGTHS}
-    return {e: {m: method_summary(a, m) for m in study_length.METHODS} for e, a in arms.items()}
+    arms = {e: length_study.arm(e) for e in length_study.LENGTHS}
+    return {e: {m: method_summary(a, m) for m in length_study.METHODS} for e, a in arms.items()}
 
 
 def final_runs(out: Path, names) -> dict:
     """{name: its runs' summary}: the one-lr, 5-seed arms (the controls, the longer arm) of `out`."""
-    rs = study_report.records(out) if (out / "runs").is_dir() else []
+    rs = report.records(out) if (out / "runs").is_dir() else []
     found = {}
     for name in names:
         mine = sorted((r for r in rs if r["method"] == name), key=lambda r: r["seed"])
         found[name] = {"lr": mine[0]["lr"] if mine else None,
-                       "test": [study.average(r["test"]) for r in mine if r["test"]],
-                       "val": [study.average(r["val"]) for r in mine if r["val"]],
+                       "test": [common.average(r["test"]) for r in mine if r["test"]],
+                       "val": [common.average(r["val"]) for r in mine if r["val"]],
                        "curves": {r["seed"]: r["val_curve"] for r in mine if r["val_curve"]},
                        "train_loss": [r["train_loss"] for r in mine],
                        "environment": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in mine})}
@@ -126,15 +127,15 @@ def final_runs(out: Path, names) -> dict:
 
 
 def control_summaries() -> dict:
-    found = final_runs(OUT / "controls", study_length.CONTROLS)
-    for name, (parent, _) in study_length.CONTROLS.items():
+    found = final_runs(OUT / "controls", length_study.CONTROLS)
+    for name, (parent, _) in length_study.CONTROLS.items():
         found[name]["parent"] = parent
     return found
 
 
 def long_summaries() -> dict:
     """The longer arm's runs, per method (at the 3-epoch pick)."""
-    found = final_runs(OUT / f"{study_length.LONG}-epochs", study_length.LONG_METHODS)
+    found = final_runs(OUT / f"{length_study.LONG}-epochs", length_study.LONG_METHODS)
     for c in found.values():
         c["picked_lr"] = c.pop("lr")  # the name the figure and the tables read for every arm
     return found
@@ -146,18 +147,18 @@ def step_times() -> dict:
 
 def comparisons(by_length: dict, controls: dict, longer: dict) -> list[dict]:
     """Every comparison the report makes, as one family: Welch's test, Holm over all of them."""
-    ref, rows = study.REFERENCE, []
+    ref, rows = harness.REFERENCE, []
 
     def add(label, a, b):
-        rows.append({"comparison": label, **study_stats.compare(a, b)})
+        rows.append({"comparison": label, **stats.compare(a, b)})
     for e in (1, 3):
-        for m in study_length.METHODS:
+        for m in length_study.METHODS:
             if m != ref:
                 add(f"{e} epoch{'s' if e > 1 else ''}: {m} vs {ref}", by_length[e][m]["test"],
                     by_length[e][ref]["test"])
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         add(f"{m}: 3 epochs vs 1", by_length[3][m]["test"], by_length[1][m]["test"])
-    n = study_length.LONG
+    n = length_study.LONG
     for m, c in longer.items():
         if m != ref:
             add(f"{n} epochs: {m} vs {ref}", c["test"], longer.get(ref, {}).get("test", []))
@@ -167,17 +168,17 @@ def comparisons(by_length: dict, controls: dict, longer: dict) -> list[dict]:
         other = "vanilla MoE-LoRA soft-2" if parent != "vanilla MoE-LoRA soft-2" else "normalised only, 2 experts"
         for x in (parent, other):
             add(f"{name} vs {x} (3 epochs)", c["test"], by_length[3][x]["test"])
-    return study_stats.adjust(rows)
+    return stats.adjust(rows)
 
 
 def intervals(by_length: dict, longer: dict) -> list[str]:
     """Each method's test mean and its 95% interval at each length."""
-    n = study_length.LONG
+    n = length_study.LONG
     lines = ["| method | 1 epoch | 3 epochs | " + f"{n} epochs (3-epoch lr) |", "|---|---|---|---|"]
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         cells = []
         for xs in (by_length[1][m]["test"], by_length[3][m]["test"], longer.get(m, {}).get("test", [])):
-            mean, half = study_stats.mean_ci(xs) if xs else (None, None)
+            mean, half = stats.mean_ci(xs) if xs else (None, None)
             cells.append("—" if mean is None else f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
@@ -185,12 +186,12 @@ def intervals(by_length: dict, longer: dict) -> list[str]:
 
 def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> str:
     mean_majority = statistics.mean(share for _, share in majority.values())
-    ref = study.REFERENCE
+    ref = harness.REFERENCE
     rows = comparisons(by_length, controls, longer)
     lines = ["### Test average at each method's rate, picked on validation at each length (5 seeds, mean ± std)", "",
              "| method | 1 epoch: lr | 1 epoch: test | vs OMoE-2 (noise rule) | 3 epochs: lr | 3 epochs: test | "
              "vs OMoE-2 (noise rule) | 3 epochs vs 1 (noise rule) |", "|---|---|---|---|---|---|---|---|"]
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         one, three = by_length[1][m], by_length[3][m]
         cells = [m]
         for s, e in ((one, 1), (three, 3)):
@@ -199,7 +200,7 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
         cells.append(verdict(three["test"], one["test"]))
         lines.append("| " + " | ".join(cells) + " |")
     if any(c["test"] for c in longer.values()):
-        n = study_length.LONG
+        n = length_study.LONG
         lines += ["", f"### {n} epochs, where validation still climbed at the end of 3 (at the 3-epoch pick, up to "
                   "5 seeds: those recorded so far)", "",
                   f"| method | lr | seeds | {n} epochs: test | vs OMoE-2 (noise rule) | {n} epochs vs 3 (noise rule) |",
@@ -208,16 +209,16 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
             lines.append(f"| {m} | {c['picked_lr'] or '—'} | {len(c['test'])} | {fmt(c['test'])} | "
                          f"{'—' if m == ref else verdict(c['test'], longer.get(ref, {}).get('test', []))} | "
                          f"{verdict(c['test'], by_length[3][m]['test'])} |")
-    test = study_report.baselines(study_report.records(study_length.arm(3).out))["test"]
-    lines += ["", f"On the test the majority label scores {study.average(test['majority']):.3f} and chance "
-              f"{study.average(test['chance']):.3f}; on validation the majority label {mean_majority:.3f}. The "
+    test = report.baselines(report.records(length_study.arm(3).out))["test"]
+    lines += ["", f"On the test the majority label scores {common.average(test['majority']):.3f} and chance "
+              f"{common.average(test['chance']):.3f}; on validation the majority label {mean_majority:.3f}. The "
               f"noise rule: a gap counts when it exceeds twice the standard error of the difference (about p < 0.1 "
               f"with 5 seeds, uncorrected: a rough rule, kept beside the tests below).", "",
               "### The test average's 95% interval (t-interval over the 5 seeds)", "", *intervals(by_length, longer),
               "", f"### Every comparison above, tested: Welch's t-test, Holm-adjusted over all {len(rows)}", "",
               "A verdict is 'higher' or 'lower' where Holm's p is below 0.05, else 'no difference shown'. The paired "
               "test pairs runs by seed (the same data order); the noise rule is the earlier rough rule.", "",
-              *study_stats.table(rows, label=lambda r: r["comparison"]), "",
+              *stats.table(rows, label=lambda r: r["comparison"]), "",
               "### What one run gives: the lowest – highest test average over the seeds at the pick", "",
               "Runs on another processor or torch release round differently, and a small model's training follows "
               "the difference as it would another seed: the one-epoch column on both machines holds the same "
@@ -225,18 +226,18 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
               "same rate.", "",
               "| method | 1 epoch, this machine (5 seeds) | 1 epoch, both machines (runs) | 3 epochs, this machine "
               "(5 seeds) | command (1 epoch; 3 epochs: its --lr and --epochs 3) |", "|---|---|---|---|---|"]
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         one, three = by_length[1][m], by_length[3][m]
         both = one["test"] + earlier_machine(m, one["picked_lr"])
         rng = [f"{min(x):.3f} – {max(x):.3f}" if x else "—" for x in (one["test"], both, three["test"])]
-        command = " ".join(["python train.py --data assets/world-val", *study.METHODS[m], "--lr",
+        command = " ".join(["python train.py --data assets/world-val", *harness.METHODS[m], "--lr",
                             one["picked_lr"] or "?"])
         lines.append(f"| {m} | {rng[0]} | {rng[1]} ({len(both)}) | {rng[2]} (`--lr {three['picked_lr']} "
                      f"--epochs 3`) | `{command}` |")
     lines += ["", "### Validation accuracy at equal steps (mean over the 5 seeds at the pick)", "",
               "| method | 1 epoch, step 120 (its end) | 3 epochs, step 120 | 3 epochs, step 240 | 3 epochs, step 360 | "
-              f"{study_length.LONG} epochs, step {120 * study_length.LONG} |", "|---|---|---|---|---|---|"]
-    for m in study_length.METHODS:
+              f"{length_study.LONG} epochs, step {120 * length_study.LONG} |", "|---|---|---|---|---|---|"]
+    for m in length_study.METHODS:
         one, three = by_length[1][m], by_length[3][m]
         cells = [mean_at(one, 120)] + [mean_at(three, s) for s in (120, 240, 360)]
         cells.append(mean_at(longer[m], 720) if m in longer and longer[m]["curves"] else "")
@@ -250,7 +251,7 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
                   "method's own runs of that length: its 1-epoch runs for 120 steps, its 3-epoch runs for 360)", "",
                   "| method | time per step / LoRA r=16's | steps in 120 LoRA steps' time | val | steps in 360 | val |",
                   "|---|---|---|---|---|---|"]
-        for m in study_length.METHODS:
+        for m in length_study.METHODS:
             if m not in times:
                 continue
             ratio = times[m] / base
@@ -267,7 +268,7 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
               f"majority label.", "",
               "| method | length | leaves the plateau at step (each seed) | points on the plateau | most frequent "
               "answer's share | it is the majority label |", "|---|---|---|---|---|---|"]
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         for e in (1, 3):
             s = by_length[e][m]
             leaves = [leaves_plateau(c, mean_majority) for _, c in sorted(s["curves"].items())]
@@ -276,8 +277,8 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
             lines.append(f"| {m} | {e} | " + ", ".join("never" if x is None else str(x) for x in leaves)
                          + f" | {p['points']} | {shares} |")
     if any(c["test"] for c in controls.values()):
-        lines += ["", f"### The control: switched at step {study_length.SWITCH_AT} of 3 epochs "
-                  "(benchmarks/switch_run.py), at the starting method's 3-epoch pick", "",
+        lines += ["", f"### The control: switched at step {length_study.SWITCH_AT} of 3 epochs "
+                  "(study/switch_run.py), at the starting method's 3-epoch pick", "",
                   "| run | lr | test | seeds | vs the method it starts as | vs the method it ends as | leaves the "
                   "plateau at step |", "|---|---|---|---|---|---|---|"]
         for name, c in controls.items():
@@ -291,7 +292,7 @@ def markdown(by_length: dict, controls: dict, majority: dict, longer: dict) -> s
     lines += ["", "### Time per run (CPU seconds of one thread, the mean of the new final runs, which also evaluate "
               "validation every 24 steps: an upper bound for the same command without --eval-every)", "",
               "| method | 1 epoch | 3 epochs |", "|---|---|---|"]
-    for m in study_length.METHODS:
+    for m in length_study.METHODS:
         cells = [f"{statistics.mean(x):.0f}" if x else "—" for x in (by_length[e][m]["final_cpu_seconds"]
                                                                      for e in (1, 3))]
         lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
@@ -317,10 +318,10 @@ def figure(by_length: dict, controls: dict, majority: dict, longer: dict, path: 
         return
     mean_majority = statistics.mean(share for _, share in majority.values())
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True, sharey=True)
-    for ax, m in zip(axes.flat, study_length.METHODS):
+    for ax, m in zip(axes.flat, length_study.METHODS):
         arms = [(1, "tab:orange", by_length[1][m]), (3, "tab:blue", by_length[3][m])]
         if m in longer and longer[m]["curves"]:
-            arms.append((study_length.LONG, "tab:green", longer[m]))
+            arms.append((length_study.LONG, "tab:green", longer[m]))
         for e, color, summary in arms:
             curves = list(summary["curves"].values())
             if not curves:
@@ -350,7 +351,7 @@ def figure(by_length: dict, controls: dict, majority: dict, longer: dict, path: 
     fig.suptitle("Validation accuracy during training: mean over 5 seeds at each length's pick, band: lowest to "
                  "highest seed", fontsize=11)
     fig.tight_layout()
-    study.save_figure(fig, path, 110)
+    common.save_figure(fig, path, 110)
     plt.close(fig)
 
 
@@ -361,8 +362,8 @@ def write() -> dict:
                                for m, s in by.items()} for e, by in by_length.items()},
                "controls": controls, "longer": longer, "val_majority": majority, "step_times": step_times(),
                "comparisons": comparisons(by_length, controls, longer)}
-    study.write_text(OUT / "results.json", json.dumps(summary, indent=1) + "\n")
-    study.write_text(OUT / "results.md", markdown(by_length, controls, majority, longer))
+    common.write_text(OUT / "results.json", json.dumps(summary, indent=1) + "\n")
+    common.write_text(OUT / "results.md", markdown(by_length, controls, majority, longer))
     figure(by_length, controls, majority, longer, OUT / "curves.png")
     return summary
 

@@ -1,0 +1,104 @@
+"""The regime study's design: the paper's regime in miniature, scarce adapters, six tasks, collapse
+measured where it could cost. regime_study.py runs it, regime_report.py reads its records.
+
+The design, what each result would mean, and why this placement: study/regime/DESIGN.md, written
+before the first run. In short: every adapter sits on o_proj alone, in the 4 blocks, at rank 4 per
+expert (alpha / r = 2, the embedded recipe's), so that OMoE-2 holds about 1% of the model's
+parameters (the paper's layout on a 7B LLaMA: 0.7%) and a LoRA of the mixture's total rank beats one
+of an expert's rank by far: capacity binds. Every method, at every length of LENGTHS, follows
+harness.py's protocol on assets/world-val: a sweep of SWEEP rates (seeds 0 and 1, on
+validation, extended by one rate where the pick is at an edge), the pick, seeds 0-4 on the test at
+the pick (0 and 1 the sweep's runs' adapters), validation every 1/10 of the run on the new seeds.
+Every training run is regime_run.py, which probes the experts 10 times per run (routing,
+similarity, effective ranks, task-expert information) into the record. Records go to
+study/regime/<n>-epoch(s)/runs/.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "study"))
+import harness  # noqa: E402
+
+OUT = ROOT / "study" / "regime"
+PLACE = ["--targets", "o_proj"]
+EXPERT = ["--rank", "4", "--alpha", "8"]  # each expert's rank; alpha / r = 2 at every rank
+WRAPPER_FLAGS = ("--tie-experts", "--magnitude")  # regime_run.py's, kept by an evaluation too
+
+
+def lora(rank: int) -> list[str]:
+    return ["--lora", *PLACE, "--rank", str(rank), "--alpha", str(2 * rank)]
+
+
+def mixture(*flags: str) -> list[str]:
+    return [*PLACE, *EXPERT, *flags]
+
+
+METHODS = {
+    "LoRA r=4 (one expert's rank)": lora(4),
+    "LoRA r=8 (two experts' rank)": lora(8),
+    "LoRA r=9 (OMoE-2's parameters)": lora(9),
+    "vanilla MoE-LoRA soft-2": mixture("--experts", "2", "--orth", "none"),
+    "vanilla soft-2, tied experts": mixture("--experts", "2", "--orth", "none", "--tie-experts"),
+    "OMoE-2 orthonormal": mixture("--experts", "2"),
+    "normalised only, 2 experts": mixture("--experts", "2", "--orth", "normalized"),
+    "orthogonal only, 2 experts": mixture("--experts", "2", "--orth", "orthogonal"),
+    "OMoE-2, learned magnitude": mixture("--experts", "2", "--magnitude"),
+    "vanilla top-2 of 4": mixture("--experts", "4", "--top-k", "2", "--orth", "none"),
+    "vanilla top-2 of 4 + balance loss": mixture("--experts", "4", "--top-k", "2", "--orth", "none",
+                                                 "--aux-loss-coef", "0.01"),
+    "OMoE top-2 of 4": mixture("--experts", "4", "--top-k", "2"),
+}
+LENGTHS = (1, 3, 6)  # epochs of 120 steps
+SWEEP = ("2e-3", "5e-3", "1e-2")
+POINTS = 10  # validation (new final seeds) and probes, per run
+
+
+def every(epochs: int) -> int:
+    return 120 * epochs // POINTS
+
+
+class RegimeStudy(harness.Study):
+    """harness.Study whose runs are regime_run.py's, and whose records hold the probe and the
+    router's statistics over training."""
+
+    def script(self, flags: list[str]) -> Path:
+        return ROOT / "study" / "regime_run.py"
+
+    def flags(self, run: harness.Run) -> list[str]:
+        flags = super().flags(run)
+        if run.stage == "retest":  # the adapters' extra parameters must exist to be loaded
+            flags += [f for f in self.s.methods[run.method] if f in WRAPPER_FLAGS]
+        return flags
+
+    def extra(self, folder: Path, result: dict, log: list[dict]) -> dict:
+        probe = folder / "probe.jsonl"
+        entries = [json.loads(line) for line in probe.read_text().splitlines()] \
+            if probe.is_file() else []
+        total = result.get("total_params")
+        return {"share": result["trainable_params"] / total if total else None,
+                "probe": rounded(entries),
+                "experts_curve": rounded([[e["step"], e["experts"]] for e in log if e.get("experts")])}
+
+
+def rounded(x, digits: int = 4):
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return x
+
+
+def settings(epochs: int, methods=None) -> harness.Settings:
+    chosen = {m: METHODS[m] for m in (methods or METHODS)}
+    return harness.Settings(chosen, lrs=SWEEP, alpha_methods=(), eval_every=every(epochs),
+                            train_flags=["--epochs", str(epochs), "--probe-every", str(every(epochs))],
+                            extend=True, sweep_curves=False)
+
+
+def arm(epochs: int, log=print, methods=None) -> RegimeStudy:
+    return RegimeStudy(OUT / f"{epochs}-epoch{'s' if epochs > 1 else ''}", settings(epochs, methods),
+                       log)
