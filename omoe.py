@@ -105,7 +105,7 @@ def gram_schmidt(e: Tensor, normalize: bool = True,
 class OMoELinear(nn.Module):
     """A frozen nn.Linear plus E LoRA experts, a router and Gram–Schmidt."""
 
-    def __init__(self, base_layer: nn.Linear, device=None, target=None,
+    def __init__(self, base_layer: nn.Linear, *, device=None, target=None,
                  role="experts", **settings):
         super().__init__()
         # Each setting of layer_settings becomes an attribute of the same name.

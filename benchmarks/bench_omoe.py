@@ -76,7 +76,7 @@ def compare(layers: dict, x: torch.Tensor, gy: torch.Tensor, repeats: int) -> di
 
 
 def make(base: nn.Linear, experts: int, top_k, rank: int, orth: str, impl: str) -> OMoELinear:
-    layer = OMoELinear(base, experts, top_k, rank, alpha=2 * rank, dropout=0.0, orth=orth)
+    layer = OMoELinear(base, experts=experts, top_k=top_k, rank=rank, alpha=2 * rank, dropout=0.0, orth=orth)
     layer.impl = impl
     with torch.no_grad():  # trained-looking experts: nonzero B, a router that prefers some experts
         layer.lora_B.normal_(std=0.02)

@@ -165,7 +165,7 @@ def omoe_layer(ctx):
         for experts, top_k in ((2, None), (4, None), (8, 2), (6, None)):
             torch.manual_seed(0)
             base = nn.Linear(d_in, d_out, bias=False, device=ctx.device)
-            m = OMoELinear(base, experts, top_k, rank=16, alpha=32, dropout=0.0, orth=orth)
+            m = OMoELinear(base, experts=experts, top_k=top_k, rank=16, alpha=32, dropout=0.0, orth=orth)
             with torch.no_grad():
                 m.lora_B.normal_(std=0.02)
                 m.router.weight.normal_(std=d_in ** -0.5)

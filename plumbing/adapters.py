@@ -72,15 +72,39 @@ def check_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     own = omoe.adapter_state_dict(model)
     if not own:
         raise ValueError("model has no experts: call add_experts (with the saved adapter config) first")
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    wrong = [f"{k}: given {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
+    check_state_fits({k: tuple(p.shape) for k, p in own.items()}, state)
+
+
+def expected_shapes(model: nn.Module, targets=omoe.TARGETS, lora_targets=(), **settings) -> dict:
+    """The shapes of the parameters add_experts(model, ...) would add, by name, without adding
+    them: what the doors check memory and adapter files against before any weight is loaded, so
+    that a run builds its adapters once. OMoELinear's parameters: lora_A (E, R, D_in), lora_B
+    (E, D_out, R) and, with several experts, router.weight (E, D_in); tests/test_omoe.py holds the
+    two to each other. Bad settings or targets: the layer's own ValueError."""
+    settings = omoe.layer_settings(**settings)
+    shapes = {}
+    for name, (_, role) in omoe.layers_to_adapt(model, targets, lora_targets).items():
+        linear = model.get_submodule(name)
+        E, R = 1 if role == "lora" else settings["experts"], settings["rank"]
+        shapes[f"{name}.lora_A"] = (E, R, linear.in_features)
+        shapes[f"{name}.lora_B"] = (E, linear.out_features, R)
+        if E > 1:
+            shapes[f"{name}.router.weight"] = (E, linear.in_features)
+    return shapes
+
+
+def check_state_fits(shapes: dict[str, tuple], state: dict[str, Tensor]) -> None:
+    """Adapter weights against the shapes of the adapters they are for (keys and shapes; finite
+    floating-point values), naming every key that does not fit."""
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
+    wrong = [f"{k}: given {tuple(state[k].shape)}, model has {shapes[k]}"
+             for k in shapes if k in state and tuple(state[k].shape) != shapes[k]]
     problems = [f"{what} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
                 for what, keys in (("missing", missing), ("unexpected", unexpected),
                                    ("shape mismatch", wrong)) if keys]
     if problems:
         raise ValueError("adapter weights do not fit this model; " + "; ".join(problems))
-    for k in own:  # copy_ would silently turn integers into floats and carry NaN into every output
+    for k in shapes:  # copy_ would silently turn integers into floats and carry NaN into every output
         if not state[k].is_floating_point():
             raise ValueError(f"adapter weight {k} has dtype {state[k].dtype}, not a floating-point dtype")
         if not torch.isfinite(state[k]).all():

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import data
-import omoe
 from data import MAX_NEW_TOKENS
 from model import Transformer, load_config
 from plumbing import adapters, cli, parallel, run_folder
@@ -452,17 +451,18 @@ def experts_of(args) -> dict:
 
 
 def count_adapters(model_args, experts: dict, flag: str, state: dict | None = None) -> int:
-    """The adapters' parameters, counted on the meta device (no memory); bad targets, and adapter
-    weights (state) that do not fit them, refused."""
+    """The adapters' parameters, counted from their shapes on a meta-device base (no memory, and
+    no adapters built: the run builds them once); bad targets, and adapter weights (state) that do
+    not fit them, refused."""
     with torch.device("meta"):
         model = Transformer(model_args)
-        try:
-            omoe.add_experts(model, **experts)
-            if state is not None:
-                adapters.check_adapter_state(model, state)
-        except ValueError as e:
-            raise BadInput(f"{flag}: {e}") from None
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        shapes = adapters.expected_shapes(model, **experts)
+        if state is not None:
+            adapters.check_state_fits(shapes, state)
+    except ValueError as e:
+        raise BadInput(f"{flag}: {e}") from None
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def load_validation(args) -> dict:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import omoe  # noqa: E402
 import train  # noqa: E402
+from plumbing import adapters  # noqa: E402
 from plumbing.base import files  # noqa: E402
 
 PROBE_PER_TASK = 16
@@ -175,16 +176,24 @@ def main(argv=None) -> int:
     ours, rest = p.parse_known_args(argv)
     state = {"previous": {}, "batch": None}
     add_experts, train_step, finish = omoe.add_experts, train.train_step, train.finish
+    expected_shapes = adapters.expected_shapes
     omoe.OMoELinear._mix_fast = with_magnitude(omoe.OMoELinear._mix_fast)
     omoe.OMoELinear._mix_reference = with_magnitude(omoe.OMoELinear._mix_reference)
 
-    def add(model, *args, **kwargs):  # also where the inputs' checks build the adapters
+    def add(model, *args, **kwargs):
         add_experts(model, *args, **kwargs)
         if ours.tie_experts:
             tie(model)
         if ours.magnitude:
             add_magnitude(model)
         return model
+
+    def shapes(model, *args, **kwargs):  # what the inputs' checks hold adapter files to
+        found = expected_shapes(model, *args, **kwargs)
+        if ours.magnitude:  # beside each router: the layers of expert_layers
+            found.update({k.removesuffix("router.weight") + "log_magnitude": ()
+                          for k in found if k.endswith(".router.weight")})
+        return found
 
     def record(env, inputs, model, step):
         if not (ours.probe_every and env.main and inputs.val_sets):
@@ -195,16 +204,17 @@ def main(argv=None) -> int:
                  "layers": probe(model, state["batch"], state["previous"])}
         files.append_line(env.out / "probe.jsonl", json.dumps(entry) + "\n")
 
-    def step(args, env, inputs, model, train_model, index, record_step):
+    def step(r, index, record_step):
         if ours.probe_every and index and index % ours.probe_every == 0:  # after `index` steps
-            record(env, inputs, model, index)
-        return train_step(args, env, inputs, model, train_model, index, record_step)
+            record(r.env, r.inputs, r.model, index)
+        return train_step(r, index, record_step)
 
-    def last(args, env, inputs, model, before, stats, total_steps, *rest_args):
-        record(env, inputs, model, total_steps)
-        return finish(args, env, inputs, model, before, stats, total_steps, *rest_args)
+    def last(r, *rest_args):
+        record(r.env, r.inputs, r.model, r.total_steps)
+        return finish(r, *rest_args)
 
     omoe.add_experts, train.train_step, train.finish = add, step, last
+    adapters.expected_shapes = shapes
     return train.main(rest)
 
 

@@ -69,23 +69,19 @@ def main(argv=None) -> int:
     p.add_argument("--switch-at", type=int, required=True, help="steps trained before the switch")
     p.add_argument("--switch-to", choices=omoe.ORTH_MODES, required=True, help="orth from then on")
     ours, rest = p.parse_known_args(argv)
-    held = {}
-    make_optimizer, train_step = train.make_optimizer, train.train_step
+    train_step = train.train_step
 
-    def make(*a, **k):
-        out = make_optimizer(*a, **k)
-        held["optimizer"] = out[0]
-        return out
-
-    def step(args, env, inputs, model, train_model, index, record):
+    def step(r, index, record):
         if index == ours.switch_at:
-            mine = data.batch_indices(len(inputs.train_items), args.batch_size, args.seed, index)
-            tokens, mask, _ = data.collate([inputs.train_items[i] for i in mine], inputs.tokenizer.pad_id)
-            switch(model, held["optimizer"], ours.switch_to, tokens.to(env.device), mask.to(env.device))
-            env.say(f"step {index}: the experts' outputs are now orth={ours.switch_to!r}")
-        return train_step(args, env, inputs, model, train_model, index, record)
+            items, args = r.inputs.train_items, r.args
+            mine = data.batch_indices(len(items), args.batch_size, args.seed, index)
+            tokens, mask, _ = data.collate([items[i] for i in mine], r.inputs.tokenizer.pad_id)
+            switch(r.model, r.optimizer, ours.switch_to, tokens.to(r.env.device),
+                   mask.to(r.env.device))
+            r.env.say(f"step {index}: the experts' outputs are now orth={ours.switch_to!r}")
+        return train_step(r, index, record)
 
-    train.make_optimizer, train.train_step = make, step
+    train.train_step = step
     return train.main(rest)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import omoe
+from model import ModelArgs, Transformer
 from omoe import OMoELinear, gram_schmidt
 from plumbing import adapters, cli, diagnostics
 
@@ -606,3 +607,16 @@ def test_one_ridge_for_every_path(top_k, monkeypatch):
         m(x)
     got = next(iter(recorder.summary().values()))["cos_after"]
     assert got == pytest.approx(float(expected.detach()), abs=1e-6)  # the recorder works in float32
+
+
+@pytest.mark.parametrize("settings", [dict(experts=3, top_k=2, rank=5), dict(experts=1, rank=2),
+                                      dict(experts=2, rank=3, orth="none")])
+def test_expected_shapes_are_the_shapes_add_experts_makes(settings):
+    """The doors check memory and adapter files against plumbing/adapters.expected_shapes before
+    the adapters exist: it must give exactly the parameters the layer creates."""
+    def fresh():
+        return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                                     vocab_size=16))
+    layout = dict(targets=["q_proj", "down_proj"], lora_targets=["v_proj"], **settings)
+    made = omoe.adapter_parameters(omoe.add_experts(fresh(), **layout))
+    assert adapters.expected_shapes(fresh(), **layout) == {k: tuple(p.shape) for k, p in made.items()}

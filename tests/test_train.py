@@ -446,3 +446,20 @@ def test_a_tokenizer_outside_the_model_folder(tiny_model_dir, task_dir, tmp_path
     assert run(*common, "--out", tmp_path / "c", "--tokenizer", tmp_path / "tok") == 0  # or its folder
     assert run(*common, "--out", tmp_path / "d", "--tokenizer", tmp_path / "none") == 2
     assert capsys.readouterr().err.endswith(f"--tokenizer {tmp_path / 'none'}: no such file or directory\n")
+
+
+def test_a_run_builds_its_adapters_once(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """The doors check memory and adapter files against the adapters' shapes, not a second build:
+    add_experts runs once per training run and once per evaluation."""
+    calls, real = [], omoe.add_experts
+
+    def add_experts(model, *a, **k):
+        calls.append(model.layers[0].self_attn.q_proj.weight.device.type)
+        return real(model, *a, **k)
+    monkeypatch.setattr(omoe, "add_experts", add_experts)
+    out = tmp_path / "run"
+    assert run("--model", tiny_model_dir, "--data", task_dir, "--out", out, *QUICK) == 0
+    assert calls == ["cpu"]
+    assert run("--model", tiny_model_dir, "--eval-data", task_dir, "--out", tmp_path / "eval",
+               "--eval-only", "--adapter", out / "adapter", "--eval-limit", 2) == 0
+    assert calls == ["cpu", "cpu"]
