@@ -136,7 +136,7 @@ class OMoELinear(nn.Module):
         # A plumbing.diagnostics recorder, while one records.
         self.recorder = None
         # From the last forward, for load_balancing_loss.
-        self._balance_loss = None
+        self.balance_loss = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -165,7 +165,7 @@ class OMoELinear(nn.Module):
             probs, gates, active, top = self.route(x)
             if self.recorder is not None:
                 self.recorder.observe(self, h, probs, active)
-            mix = self._mix_reference if self.impl == "reference" else self._mix_fast
+            mix = self.mix_reference if self.impl == "reference" else self.mix_fast
             delta = mix(h, gates, top)  # (N, D_out)
         return y + delta.view(*shape[:-1], -1).to(y.dtype)
 
@@ -191,10 +191,10 @@ class OMoELinear(nn.Module):
         # Switch Transformer's balance loss E·Σ_e f_e·P_e, 1 when even: f_e is
         # expert e's share of token slots, P_e its mean router probability.
         f = active.float().mean(0) / self.top_k
-        self._balance_loss = self.experts * (f * probs.mean(0)).sum()
+        self.balance_loss = self.experts * (f * probs.mean(0)).sum()
         return probs, gates / gates.sum(-1, keepdim=True), active, top
 
-    def _mix_reference(self, h, gates, top):
+    def mix_reference(self, h, gates, top):
         """Readable: each expert's output, Gram–Schmidt, the gated sum."""
         # e_i = s·B_i h_i for every expert: (N, E, D_out).
         e = self.scaling * torch.einsum("ner,eor->neo", h, self.lora_B)
@@ -216,7 +216,7 @@ class OMoELinear(nn.Module):
                     e = gram_schmidt(e, self.orth == "orthonormal", eps)
         return torch.einsum("nk,nko->no", g.to(e.dtype), e)  # (N, D_out)
 
-    def _mix_fast(self, h, gates, top):
+    def mix_fast(self, h, gates, top):
         """Σ_k g_k q_k = Σ_i c_i e_i, with per-token c (N, E) from the Gram."""
         if self.orth == "none":
             c = gates  # vanilla MoE-LoRA
@@ -408,5 +408,5 @@ def load_balancing_loss(model: nn.Module) -> Tensor:
     (see route), 1 per layer when balanced. Soft routing adds nothing: every
     expert gets every token."""
     layers = adapted_layers(model).values()
-    losses = [m._balance_loss for m in layers if m._balance_loss is not None]
+    losses = [m.balance_loss for m in layers if m.balance_loss is not None]
     return torch.stack(losses).sum() if losses else torch.zeros(())

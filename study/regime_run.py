@@ -140,7 +140,7 @@ def probe(model, batch, previous: dict) -> dict:
         h = torch.einsum("nd,erd->ner", x, A)                                      # (N, E, R)
         e = m.scaling * torch.einsum("ner,eor->neo", h, B)                         # (N, E, D_out)
         probs, _, active, _ = m.route(x)
-        m._balance_loss = None
+        m.balance_loss = None
         unit = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         cos = unit @ unit.mT                                                       # (N, E, E)
         i, j = torch.triu_indices(m.experts, m.experts, 1)
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     state = {"previous": {}, "batch": None}
     add_experts, train_step, finish = omoe.add_experts, train.train_step, train.finish
     expected_shapes = adapters.expected_shapes
-    omoe.OMoELinear._mix_fast = with_magnitude(omoe.OMoELinear._mix_fast)
-    omoe.OMoELinear._mix_reference = with_magnitude(omoe.OMoELinear._mix_reference)
+    omoe.OMoELinear.mix_fast = with_magnitude(omoe.OMoELinear.mix_fast)
+    omoe.OMoELinear.mix_reference = with_magnitude(omoe.OMoELinear.mix_reference)
 
     def add(model, *args, **kwargs):
         add_experts(model, *args, **kwargs)
