@@ -2,16 +2,17 @@
 measured where it could cost. regime_study.py runs it, regime_report.py reads its records.
 
 The design, what each result would mean, and why this placement: study/regime/DESIGN.md, written
-before the first run. In short: every adapter sits on o_proj alone, in the 4 blocks, at rank 4 per
-expert (alpha / r = 2, the embedded recipe's), so that OMoE-2 holds about 1% of the model's
-parameters (the paper's layout on a 7B LLaMA: 0.7%) and a LoRA of the mixture's total rank beats one
-of an expert's rank by far: capacity binds. Every method, at every length of LENGTHS, follows
-harness.py's protocol on assets/world-val: a sweep of SWEEP rates (seeds 0 and 1, on
+before the first run, and GATE.md, which chose the placement again when the first one failed the
+design's validity check. In short: every adapter sits on k_proj and v_proj (first: o_proj alone), in
+the 4 blocks, at rank 4 per expert (alpha / r = 2, the embedded recipe's), so that OMoE-2 holds
+about 1.5% of the model's parameters (the paper's layout on a 7B LLaMA: 0.7%) and, if capacity
+binds, a LoRA of the mixture's total rank beats one of an expert's rank. Every method, at every
+length of LENGTHS, follows harness.py's protocol on assets/world-val: a sweep of SWEEP rates (seeds 0 and 1, on
 validation, extended by one rate where the pick is at an edge), the pick, seeds 0-4 on the test at
 the pick (0 and 1 the sweep's runs' adapters), validation every 1/10 of the run on the new seeds.
 Every training run is regime_run.py, which probes the experts 10 times per run (routing,
 similarity, effective ranks, task-expert information) into the record. Records go to
-study/regime/<n>-epoch(s)/runs/.
+study/regime/<placement>/<n>-epoch(s)/runs/.
 """
 import json
 import sys
@@ -21,35 +22,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "study"))
 import harness  # noqa: E402
 
-OUT = ROOT / "study" / "regime"
-PLACE = ["--targets", "o_proj"]
+# Where the adapters sit: o_proj first; its records failed the validity check (C1), and the gate of
+# study/regime/GATE.md chose k_proj,v_proj, the placement the study now runs on. Each placement's
+# records and report live in study/regime/<placement>/.
+PLACEMENTS = ("o_proj", "k_proj,v_proj")
+PLACEMENT = "k_proj,v_proj"
 EXPERT = ["--rank", "4", "--alpha", "8"]  # each expert's rank; alpha / r = 2 at every rank
 WRAPPER_FLAGS = ("--tie-experts", "--magnitude")  # regime_run.py's, kept by an evaluation too
 
 
-def lora(rank: int) -> list[str]:
-    return ["--lora", *PLACE, "--rank", str(rank), "--alpha", str(2 * rank)]
+def out(placement: str = PLACEMENT) -> Path:
+    return ROOT / "study" / "regime" / placement.replace(",", "+")
 
 
-def mixture(*flags: str) -> list[str]:
-    return [*PLACE, *EXPERT, *flags]
+def methods(placement: str = PLACEMENT) -> dict[str, list[str]]:
+    place = ["--targets", placement]
+
+    def lora(rank: int) -> list[str]:
+        return ["--lora", *place, "--rank", str(rank), "--alpha", str(2 * rank)]
+
+    def mixture(*flags: str) -> list[str]:
+        return [*place, *EXPERT, *flags]
+
+    return {
+        "LoRA r=4 (one expert's rank)": lora(4),
+        "LoRA r=8 (two experts' rank)": lora(8),
+        "LoRA r=9 (OMoE-2's parameters)": lora(9),
+        "vanilla MoE-LoRA soft-2": mixture("--experts", "2", "--orth", "none"),
+        "vanilla soft-2, tied experts": mixture("--experts", "2", "--orth", "none", "--tie-experts"),
+        "OMoE-2 orthonormal": mixture("--experts", "2"),
+        "normalised only, 2 experts": mixture("--experts", "2", "--orth", "normalized"),
+        "orthogonal only, 2 experts": mixture("--experts", "2", "--orth", "orthogonal"),
+        "OMoE-2, learned magnitude": mixture("--experts", "2", "--magnitude"),
+        "vanilla top-2 of 4": mixture("--experts", "4", "--top-k", "2", "--orth", "none"),
+        "vanilla top-2 of 4 + balance loss": mixture("--experts", "4", "--top-k", "2", "--orth",
+                                                     "none", "--aux-loss-coef", "0.01"),
+        "OMoE top-2 of 4": mixture("--experts", "4", "--top-k", "2"),
+    }
 
 
-METHODS = {
-    "LoRA r=4 (one expert's rank)": lora(4),
-    "LoRA r=8 (two experts' rank)": lora(8),
-    "LoRA r=9 (OMoE-2's parameters)": lora(9),
-    "vanilla MoE-LoRA soft-2": mixture("--experts", "2", "--orth", "none"),
-    "vanilla soft-2, tied experts": mixture("--experts", "2", "--orth", "none", "--tie-experts"),
-    "OMoE-2 orthonormal": mixture("--experts", "2"),
-    "normalised only, 2 experts": mixture("--experts", "2", "--orth", "normalized"),
-    "orthogonal only, 2 experts": mixture("--experts", "2", "--orth", "orthogonal"),
-    "OMoE-2, learned magnitude": mixture("--experts", "2", "--magnitude"),
-    "vanilla top-2 of 4": mixture("--experts", "4", "--top-k", "2", "--orth", "none"),
-    "vanilla top-2 of 4 + balance loss": mixture("--experts", "4", "--top-k", "2", "--orth", "none",
-                                                 "--aux-loss-coef", "0.01"),
-    "OMoE top-2 of 4": mixture("--experts", "4", "--top-k", "2"),
-}
+METHODS = methods()  # the labels are the same at every placement
 LENGTHS = (1, 3, 6)  # epochs of 120 steps
 SWEEP = ("2e-3", "5e-3", "1e-2")
 POINTS = 10  # validation (new final seeds) and probes, per run
@@ -92,13 +104,14 @@ def rounded(x, digits: int = 4):
     return x
 
 
-def settings(epochs: int, methods=None) -> harness.Settings:
-    chosen = {m: METHODS[m] for m in (methods or METHODS)}
+def settings(epochs: int, chosen=None, placement: str = PLACEMENT) -> harness.Settings:
+    every_method = methods(placement)
+    chosen = {m: every_method[m] for m in (chosen or every_method)}
     return harness.Settings(chosen, lrs=SWEEP, alpha_methods=(), eval_every=every(epochs),
                             train_flags=["--epochs", str(epochs), "--probe-every", str(every(epochs))],
                             extend=True, sweep_curves=False)
 
 
-def arm(epochs: int, log=print, methods=None) -> RegimeStudy:
-    return RegimeStudy(OUT / f"{epochs}-epoch{'s' if epochs > 1 else ''}", settings(epochs, methods),
-                       log)
+def arm(epochs: int, log=print, chosen=None, placement: str = PLACEMENT) -> RegimeStudy:
+    return RegimeStudy(out(placement) / f"{epochs}-epoch{'s' if epochs > 1 else ''}",
+                       settings(epochs, chosen, placement), log)

@@ -79,8 +79,8 @@ def probe_summary(probes: list[list[dict]]) -> dict:
             "steps": [e["step"] for e in probes[0][:n]], "curves": curves}
 
 
-def summarise_arm(epochs: int) -> dict:
-    arm = regime_design.arm(epochs, log=lambda *_: None)
+def summarise_arm(epochs: int, placement: str) -> dict:
+    arm = regime_design.arm(epochs, log=lambda *_: None, placement=placement)
     rs = report.records(arm.out)
     out = {}
     for method in arm.s.methods:
@@ -175,10 +175,13 @@ def comparison_row(r: dict) -> str:
             f"(p {fmt_p(r['paired']['p'])}) | {r['noise_rule']} |")
 
 
-def markdown(by_length: dict, rows: list[dict]) -> str:
-    lines = ["# The regime study: results from the records so far", "",
-             "Design, and what would count as each answer: [DESIGN.md](DESIGN.md), written before "
-             "the first run. Held-out test average over the seeds at each method's rate picked on "
+def markdown(by_length: dict, rows: list[dict], placement: str) -> str:
+    where = f"`{placement}`" + (" (the placement the gate chose)" if placement == regime_design.PLACEMENT
+                                else " (the first placement: C1 failed there)")
+    lines = [f"# The regime study on {where}: results from the records so far", "",
+             "Design, and what would count as each answer: [DESIGN.md](../DESIGN.md), written before "
+             "the first run; the placement: [GATE.md](../GATE.md). Held-out test average over the "
+             "seeds at each method's rate picked on "
              "validation at that length: mean ± std, and the half-width of its 95% interval. The probe "
              "columns are the last probe's (the end of training), mean over seeds and layers:",
              "abs cos, the absolute cosine between two experts' outputs; out erank, the effective "
@@ -256,16 +259,21 @@ def figure(by_length: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write() -> dict:
-    by_length = {e: summarise_arm(e) for e in regime_design.LENGTHS}
+def write(placement: str = regime_design.PLACEMENT) -> dict:
+    out = regime_design.out(placement)
+    by_length = {e: summarise_arm(e, placement) for e in regime_design.LENGTHS}
     rows = comparisons(by_length)
-    summary = {"lengths": by_length, "comparisons": rows, "family": FAMILY}
-    common.write_text(regime_design.OUT / "results.json", json.dumps(summary, indent=1) + "\n")
-    common.write_text(regime_design.OUT / "results.md", markdown(by_length, rows))
-    figure(by_length, regime_design.OUT / "probe.png")
+    summary = {"placement": placement, "lengths": by_length, "comparisons": rows, "family": FAMILY}
+    common.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    common.write_text(out / "results.md", markdown(by_length, rows, placement))
+    figure(by_length, out / "probe.png")
     return summary
 
 
 if __name__ == "__main__":
-    write()
-    print(f"wrote {regime_design.OUT / 'results.md'}")
+    import argparse
+    p = argparse.ArgumentParser(description="The regime study's report, from its records so far.")
+    p.add_argument("--placement", choices=regime_design.PLACEMENTS, default=regime_design.PLACEMENT)
+    placement = p.parse_args().placement
+    write(placement)
+    print(f"wrote {regime_design.out(placement) / 'results.md'}")

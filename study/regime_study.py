@@ -4,6 +4,7 @@
     python study/regime_study.py               # every length (--jobs 2, one thread each)
     python study/regime_study.py --epochs 3    # one length only
     python study/regime_study.py --report      # the tables from the records so far
+    python study/regime_study.py --placement o_proj --report   # the first placement's
 
 What it runs (the methods, the lengths, the placement) is regime_design.py's, written down before
 the first run in study/regime/DESIGN.md; the report is regime_report.py's, rewritten at the end.
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "study"))
 import harness  # noqa: E402
 import regime_report  # noqa: E402
-from regime_design import LENGTHS, METHODS, OUT, POINTS, arm  # noqa: E402
+from regime_design import LENGTHS, METHODS, PLACEMENT, PLACEMENTS, POINTS, arm, out  # noqa: E402
 
 
 # CPU seconds of a run on one thread before any of its kind is recorded (then the records' own),
@@ -49,12 +50,14 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
     p.add_argument("--plan", action="store_true", help="print the runs and the CPU-hours, run nothing")
     p.add_argument("--report", action="store_true", help="rewrite the report, run nothing")
+    p.add_argument("--placement", choices=PLACEMENTS, default=PLACEMENT,
+                   help="where the adapters sit (the first attempt: o_proj; see GATE.md)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
-    arms = {e: arm(e, log, args.methods) for e in args.epochs}
+    arms = {e: arm(e, log, args.methods, args.placement) for e in args.epochs}
     for a in arms.values():
         a.check_records(harness.plan(a.s))
     # Method by method, each length's runs side by side, the shortest length first: a method's
@@ -88,8 +91,8 @@ def main(argv=None) -> None:
         return
     if not args.report:
         harness.run_all(runs, args.jobs, lambda: None, log)
-    regime_report.write()
-    log(f"wrote the report in {OUT}")
+    regime_report.write(args.placement)
+    log(f"wrote the report in {out(args.placement)}")
 
 
 if __name__ == "__main__":
