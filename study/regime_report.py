@@ -1,4 +1,4 @@
-"""The regime study's report: its records -> study/regime/results.md and results.json.
+"""The regime study's report: its records -> study/regime/<placement>/results.md and results.json.
 
 Everything is computed from the records alone, so it can be rewritten from a partial study: a cell
 whose sweep or seeds are unfinished says so, and the planned comparisons are Holm-adjusted over the
