@@ -12,7 +12,7 @@
     torchrun --nproc_per_node 8 train.py ... --fsdp
 
 Reading order: the two recipes -> the Run dataclass and run(), the whole
-recipe in a dozen lines -> the model and its experts -> the optimizer and
+recipe on one screen -> the model and its experts -> the optimizer and
 its schedule -> one training step and the loop -> saving and evaluation.
 What makes it robust (every input checked before any work, the run folder,
 several processes, the command line) lives in plumbing/ and is one line
