@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import omoe  # noqa: E402
+from plumbing.gate import experts_of  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 THROUGHPUT_METHODS = {"LoRA r=16": ["--lora", "--rank", "16", "--alpha", "32"],
@@ -46,8 +47,7 @@ def throughput_worker(spec: dict) -> None:
         model = Transformer(ModelArgs(**fields, max_seq_len=length))
     if device.type == "cuda":
         model.to(torch.bfloat16)  # the frozen base in bfloat16, as train.py stores it on CUDA
-    omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                     alpha=args.alpha, dropout=args.dropout, orth=args.orth)
+    omoe.add_experts(model, **experts_of(args))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(0, fields["vocab_size"], (batch, length + 1), device=device)
     # As train.py: the float32 adapters meet the bfloat16 base under autocast on CUDA; float32 on the CPU.

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import omoe  # noqa: E402
 import train  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from plumbing.gate import experts_of  # noqa: E402
 
 # The released config.json's shapes: (dim, layers, heads, kv heads, MLP width, vocabulary, tied, head_dim)
 MODELS = {
@@ -52,9 +53,7 @@ def counts(name: str) -> tuple[int, int]:
                                       hidden_dim=hidden, vocab_size=vocab, tie_embeddings=tied,
                                       head_dim=head_dim))
         base = sum(p.numel() for p in model.parameters())
-        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k,
-                         rank=args.rank, alpha=args.alpha, dropout=args.dropout, orth=args.orth,
-                         lora_targets=args.lora_targets)
+        omoe.add_experts(model, **experts_of(args))
     return base, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "study"))
 import omoe  # noqa: E402
 from common import average, portable, slug, write_text  # noqa: E402
 from plumbing.diagnostics import diagnostics_by_block  # noqa: E402
+from plumbing.gate import experts_of  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from train import EMBEDDED  # noqa: E402
 
@@ -105,8 +106,7 @@ def trainable_parameters(flags: list[str]) -> int:
     config = json.loads((Path(EMBEDDED["model"]) / "config.json").read_text())
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(config))
-        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                         alpha=args.alpha, dropout=args.dropout, orth="none", lora_targets=args.lora_targets)
+        omoe.add_experts(model, **experts_of(args))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import omoe
+from plumbing.gate import experts_of
 import train
 from model import ModelArgs, Transformer
 
@@ -33,8 +34,7 @@ def trainable_percent(flags: str) -> float:
     _, args = train.parse_args(["--model", "unused", *flags.split()])
     with torch.device("meta"):
         model = Transformer(ModelArgs())  # the defaults are LLaMA-2-7B's (4096 wide, 32 layers, 11008 MLP)
-        omoe.add_experts(model, targets=args.targets, experts=args.experts, top_k=args.top_k, rank=args.rank,
-                         alpha=args.alpha, dropout=args.dropout, orth=args.orth, lora_targets=args.lora_targets)
+        omoe.add_experts(model, **experts_of(args))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 100 * trainable / sum(p.numel() for p in model.parameters())
 

@@ -13,6 +13,7 @@ keep all follow from those declarations, as the tests below check.
 """
 import argparse
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,13 @@ def test_the_checkpoint_is_built_in_train_py(tmp_path):
     assert set(saved) - set(checkpoint) == {"data_fingerprint", "format", "data_position",
                                             "checksums"}
     assert saved["data_position"] == {"epoch": 1, "batch_in_epoch": 2}
+
+
+def test_no_caller_lists_the_adapter_settings_by_hand():
+    """add_experts takes the flags' settings through gate.experts_of, so a new setting reaches every
+    caller without another edit."""
+    root = Path(__file__).resolve().parents[1]
+    by_hand = [str(p.relative_to(root)) for p in root.glob("**/*.py")
+               if ".venv" not in p.parts and p != Path(__file__).resolve()
+               and "targets=args.targets" in p.read_text()]
+    assert not by_hand
