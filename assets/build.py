@@ -1,8 +1,8 @@
 """Build the embedded default from scratch: a miniature commonsense world, a tiny LLaMA that knows it,
 and six fine-tuning tasks about it in the LLM-Adapters format.
 
-    python assets/build.py               # from the repository root; rewrites assets/tiny-llama, world, world-val
-    python assets/build.py --world-only  # rewrites the two task folders alone (the model does not depend on them)
+    python assets/build.py               # from the repository root; rewrites assets/tiny-llama and the worlds
+    python assets/build.py --world-only  # rewrites the three task folders alone (the model does not depend on them)
 
 Everything follows from one seed (--seed, default 0): the world, the text, the tokenizer, the model.
 On one CPU thread the build took 13 minutes on a shared 2-core machine, almost all of it pretraining (3000 steps).
@@ -254,6 +254,58 @@ def make_validation_tasks(world: dict, seed: int = 0, per_name: int = 2) -> dict
     return tasks
 
 
+# ── Twelve tasks: six more, each with its own order (assets/world12-val) ─────────────────────────
+
+# One more task per fact. Each lists its fact's values in its own fixed order, none of them where the
+# pretraining quizzes and the six tasks put them, under label words of another format: an adapter must
+# now learn twelve maps from a fact to a label instead of six that agree with pretraining. The label
+# families stay within LLM-Adapters' patterns (data.LABEL_PATTERNS: solution and option stop at 2).
+MORE_TASKS = {  # task: (fact, label family, two wordings of the question)
+    "water": ("swims", "option", ["What does {} do near water?", "What happens when {} falls into a river?"]),
+    "nest": ("home", "answer", ["Where does {} sleep?", "Where is the home of {}?"]),
+    "lunch": ("food", "ending", ["What is the favourite food of {}?", "What does {} eat at noon?"]),
+    "spots": ("colour", "ending", ["How does {} look?", "What colour is the fur of {}?"]),
+    "outings": ("awake", "solution", ["When does {} go out?", "When can you meet {}?"]),
+    "trades": ("job", "answer", ["What is the job of {}?", "What does {} do for work?"]),
+}
+TASKS12 = (*TASKS, *MORE_TASKS)
+
+
+def own_order(task: str, seed: int = 0) -> list[str]:
+    """A task's fixed order of its fact's values: a shuffle that leaves no value in its place."""
+    values, rng = ATTRIBUTES[MORE_TASKS[task][0]], random.Random(f"order:{seed}:{task}")
+    while True:
+        order = rng.sample(values, len(values))
+        if all(a != b for a, b in zip(order, values)):
+            return order
+
+
+def more_question(task: str, world: dict, name: str, variant: int, seed: int = 0) -> dict:
+    attr, family, wordings = MORE_TASKS[task]
+    order = own_order(task, seed)
+    listed = " ".join(f"{family.capitalize()}{k + 1}: {answer(attr, name, v)[:-1]}" for k, v in enumerate(order))
+    labels = "/".join(f"{family}{k + 1}" for k in range(len(order)))
+    return record(f"Please choose the correct answer to the question: {wordings[variant % 2].format(name)}"
+                  f"\n\n{listed}\n\nAnswer format: {labels}", f"{family}{order.index(world[name][attr]) + 1}")
+
+
+def make_twelve_tasks(world: dict, seed: int = 0) -> dict:
+    """The six tasks and MORE_TASKS, with assets/world-val's split of the creatures: {task: {"train",
+    "val", "test"}}. One question per creature (its two wordings alternate over the sorted names), so
+    that an epoch is as long as world-val's: 12 tasks x 160 training questions."""
+    fine_tuning, test_names = split_names(world, seed)
+    train_names, val_names = split_validation(fine_tuning, seed)
+    rng, out = random.Random(f"twelve-tasks:{seed}"), {}
+    for task in TASKS12:
+        def ask(name: str, variant: int) -> dict:
+            return (more_question(task, world, name, variant, seed) if task in MORE_TASKS
+                    else task_question(task, world, name, variant))
+        out[task] = {split: [ask(n, i % 2) for i, n in enumerate(names)]
+                     for split, names in (("train", train_names), ("val", val_names), ("test", test_names))}
+        rng.shuffle(out[task]["train"])
+    return out
+
+
 # ── Tokenizer and model ────────────────────────────────────────────────────────────────────────
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
@@ -326,8 +378,8 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=768, help="tokenizer vocabulary size")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the result is reproducible for a given count)")
     p.add_argument("--world-only", action="store_true",
-                   help="write world/ and world-val/ alone: the facts and the tasks (the tokenizer and model depend "
-                        "on the facts, not on how the tasks split the creatures)")
+                   help="write world/, world-val/ and world12-val/ alone: the facts and the tasks (the tokenizer "
+                        "and model depend on the facts, not on how the tasks split the creatures)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -335,14 +387,15 @@ def main(argv=None) -> None:
 
     world = make_world(args.seed)
     for folder, tasks in (("world", make_tasks(world, args.seed)),
-                          ("world-val", make_validation_tasks(world, args.seed))):
+                          ("world-val", make_validation_tasks(world, args.seed)),
+                          ("world12-val", make_twelve_tasks(world, args.seed))):
         for task, splits in tasks.items():
             (out / folder / task).mkdir(parents=True, exist_ok=True)
             for split, records in splits.items():
                 (out / folder / task / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / "world" / "facts.json").write_text(json.dumps(world, indent=1) + "\n")
     if args.world_only:
-        print(f"wrote {out / 'world'} and {out / 'world-val'} in {time.time() - start:.0f} s")
+        print(f"wrote {out / 'world'}, {out / 'world-val'} and {out / 'world12-val'} in {time.time() - start:.0f} s")
         return
 
     # The tokenizer learns its pieces from the pretraining text, as LLaMA's did: words that only the

@@ -166,6 +166,7 @@ class Settings:
     eval_flags: list = field(default_factory=list)   # added to every run (--quick: fewer questions)
     extend: bool = False      # a pick at the sweep's smallest or largest rate adds the next rate of GRID
     sweep_curves: bool = False  # the sweep's runs too evaluate validation every eval_every steps
+    data: Path = DATA         # the tasks, with validation: <task>/{train,val,test}.json
 
     def rates(self, method: str) -> tuple:
         return self.lrs[method] if isinstance(self.lrs, dict) else self.lrs
@@ -270,9 +271,9 @@ class Study:
         work = self.work / slug(run.method)
         if run.stage == "retest":  # the sweep run's saved adapters, on the test (and validation again)
             sweep_dir = work / Run(run.method, "sweep", run.seed, run.lr).name
-            return ["--eval-only", "--adapter", portable(sweep_dir / "adapter"), "--data", portable(DATA),
+            return ["--eval-only", "--adapter", portable(sweep_dir / "adapter"), "--data", portable(self.s.data),
                     *self.s.eval_flags]
-        flags = [*method, "--data", portable(DATA), *self.s.train_flags, *self.s.eval_flags, "--lr", run.lr,
+        flags = [*method, "--data", portable(self.s.data), *self.s.train_flags, *self.s.eval_flags, "--lr", run.lr,
                  "--seed", str(run.seed),
                  "--save-every", "1000000", "--log-every", "40"]
         first_new = next((s for s in self.s.final_seeds if s not in self.s.sweep_seeds), None)

@@ -27,12 +27,16 @@ import harness  # noqa: E402
 # records and report live in study/regime/<placement>/.
 PLACEMENTS = ("o_proj", "k_proj,v_proj")
 PLACEMENT = "k_proj,v_proj"
+# The tasks: the six embedded ones first; C1 failed on them at both placements, so GATE.md's harder
+# world followed, twelve tasks (study/regime/TWELVE.md), its records in study/regime/twelve/.
+WORLDS = {"six": ROOT / "assets" / "world-val", "twelve": ROOT / "assets" / "world12-val"}
+WORLD = "six"
 EXPERT = ["--rank", "4", "--alpha", "8"]  # each expert's rank; alpha / r = 2 at every rank
 WRAPPER_FLAGS = ("--tie-experts", "--magnitude")  # regime_run.py's, kept by an evaluation too
 
 
-def out(placement: str = PLACEMENT) -> Path:
-    return ROOT / "study" / "regime" / placement.replace(",", "+")
+def out(placement: str = PLACEMENT, world: str = WORLD) -> Path:
+    return ROOT / "study" / "regime" / ("" if world == "six" else world) / placement.replace(",", "+")
 
 
 def methods(placement: str = PLACEMENT) -> dict[str, list[str]]:
@@ -63,6 +67,13 @@ def methods(placement: str = PLACEMENT) -> dict[str, list[str]]:
 
 METHODS = methods()  # the labels are the same at every placement
 LENGTHS = (1, 3, 6)  # epochs of 120 steps
+# Twelve tasks share an epoch's 120 steps, so each is asked half as often: twice the epochs give each
+# task as many questions as the six-task lengths do.
+TWELVE_LENGTHS = (2, 6, 12)
+
+
+def lengths(world: str = WORLD) -> tuple:
+    return LENGTHS if world == "six" else TWELVE_LENGTHS
 SWEEP = ("2e-3", "5e-3", "1e-2")
 POINTS = 10  # validation (new final seeds) and probes, per run
 
@@ -104,14 +115,14 @@ def rounded(x, digits: int = 4):
     return x
 
 
-def settings(epochs: int, chosen=None, placement: str = PLACEMENT) -> harness.Settings:
+def settings(epochs: int, chosen=None, placement: str = PLACEMENT, world: str = WORLD) -> harness.Settings:
     every_method = methods(placement)
     chosen = {m: every_method[m] for m in (chosen or every_method)}
     return harness.Settings(chosen, lrs=SWEEP, alpha_methods=(), eval_every=every(epochs),
                             train_flags=["--epochs", str(epochs), "--probe-every", str(every(epochs))],
-                            extend=True, sweep_curves=False)
+                            extend=True, sweep_curves=False, data=WORLDS[world])
 
 
-def arm(epochs: int, log=print, chosen=None, placement: str = PLACEMENT) -> RegimeStudy:
-    return RegimeStudy(out(placement) / f"{epochs}-epoch{'s' if epochs > 1 else ''}",
-                       settings(epochs, chosen, placement), log)
+def arm(epochs: int, log=print, chosen=None, placement: str = PLACEMENT, world: str = WORLD) -> RegimeStudy:
+    return RegimeStudy(out(placement, world) / f"{epochs}-epoch{'s' if epochs > 1 else ''}",
+                       settings(epochs, chosen, placement, world), log)

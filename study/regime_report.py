@@ -1,4 +1,4 @@
-"""The regime study's report: its records -> study/regime/<placement>/results.md and results.json.
+"""The regime study's report: its records -> study/regime/[twelve/]<placement>/results.md and .json.
 
 Everything is computed from the records alone, so it can be rewritten from a partial study: a cell
 whose sweep or seeds are unfinished says so, and the planned comparisons are Holm-adjusted over the
@@ -79,8 +79,8 @@ def probe_summary(probes: list[list[dict]]) -> dict:
             "steps": [e["step"] for e in probes[0][:n]], "curves": curves}
 
 
-def summarise_arm(epochs: int, placement: str) -> dict:
-    arm = regime_design.arm(epochs, log=lambda *_: None, placement=placement)
+def summarise_arm(epochs: int, placement: str, world: str) -> dict:
+    arm = regime_design.arm(epochs, log=lambda *_: None, placement=placement, world=world)
     rs = report.records(arm.out)
     out = {}
     for method in arm.s.methods:
@@ -125,6 +125,8 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
         say = lambda q, a: lines.append(f"- {e} epoch{'s' if e > 1 else ''}, {q}: {a}")  # noqa: E731
         say("the regime is valid (C1 higher by 0.05 or more)", "pending" if valid is None else
             "yes" if valid else "no: capacity does not bind, nothing below reads as a cost of collapse")
+        say("the world (saturated: a best test average of 0.95 or more, or a task at 0.99 or more for "
+            "every method; learnable: LoRA r=8 0.10 or more above the majority label)", world(arm))
         if None in (valid, collapsed, c2, c3):
             say("collapse costs accuracy", "pending")
         elif not collapsed:
@@ -143,6 +145,21 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
             "pending" if c9 is None or not mag else
             f"C9 {c9}; magnitude above 1.5 in {mag['magnitude_above_1_5']:.0%} of (seed, layer)")
     return lines
+
+
+def world(arm: dict) -> str:
+    """DESIGN.md's saturation check and the learnability that TWELVE.md adds, from the finished cells."""
+    done = {n: m for n, m in arm["methods"].items() if len(m["test"]) == len(harness.FINAL_SEEDS)}
+    majority = arm["baselines"]["test"]["majority"]
+    if LORA8 not in done or not majority:
+        return "pending"
+    best = max(done, key=lambda n: statistics.mean(done[n]["test"]))
+    top = [t for t in done[best]["test_tasks"]
+           if all(statistics.mean(m["test_tasks"][t]) >= 0.99 for m in done.values())]
+    lora8, floor = statistics.mean(done[LORA8]["test"]), common.average(majority)
+    return (f"best {statistics.mean(done[best]['test']):.3f} ({best}); tasks at 0.99 or more for all "
+            f"{len(done)} finished methods: {', '.join(top) or 'none'}; LoRA r=8 {lora8:.3f} against "
+            f"the majority label's {floor:.3f} ({'learnable' if lora8 >= floor + 0.10 else 'not learnt'})")
 
 
 def method_row(name: str, m: dict) -> str:
@@ -175,12 +192,14 @@ def comparison_row(r: dict) -> str:
             f"(p {fmt_p(r['paired']['p'])}) | {r['noise_rule']} |")
 
 
-def markdown(by_length: dict, rows: list[dict], placement: str) -> str:
+def markdown(by_length: dict, rows: list[dict], placement: str, world: str = "six") -> str:
     where = f"`{placement}`" + (" (the placement the gate chose)" if placement == regime_design.PLACEMENT
                                 else " (the first placement: C1 failed there)")
-    lines = [f"# The regime study on {where}: results from the records so far", "",
-             "Design, and what would count as each answer: [DESIGN.md](../DESIGN.md), written before "
-             "the first run; the placement: [GATE.md](../GATE.md). Held-out test average over the "
+    up = "../" * (1 + (world != "six"))  # the records of the twelve tasks sit one folder deeper
+    title = "" if world == "six" else ", twelve tasks ([TWELVE.md](../../TWELVE.md))"
+    lines = [f"# The regime study on {where}{title}: results from the records so far", "",
+             f"Design, and what would count as each answer: [DESIGN.md]({up}DESIGN.md), written before "
+             f"the first run; the placement: [GATE.md]({up}GATE.md). Held-out test average over the "
              "seeds at each method's rate picked on "
              "validation at that length: mean ± std, and the half-width of its 95% interval. The probe "
              "columns are the last probe's (the end of training), mean over seeds and layers:",
@@ -259,13 +278,15 @@ def figure(by_length: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(placement: str = regime_design.PLACEMENT) -> dict:
-    out = regime_design.out(placement)
-    by_length = {e: summarise_arm(e, placement) for e in regime_design.LENGTHS}
+def write(placement: str = regime_design.PLACEMENT, world: str = regime_design.WORLD) -> dict:
+    out = regime_design.out(placement, world)
+    by_length = {e: summarise_arm(e, placement, world) for e in regime_design.lengths(world)}
     rows = comparisons(by_length)
     summary = {"placement": placement, "lengths": by_length, "comparisons": rows, "family": FAMILY}
+    if world != "six":
+        summary = {"world": world, **summary}
     common.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
-    common.write_text(out / "results.md", markdown(by_length, rows, placement))
+    common.write_text(out / "results.md", markdown(by_length, rows, placement, world))
     figure(by_length, out / "probe.png")
     return summary
 
@@ -274,6 +295,7 @@ if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="The regime study's report, from its records so far.")
     p.add_argument("--placement", choices=regime_design.PLACEMENTS, default=regime_design.PLACEMENT)
-    placement = p.parse_args().placement
-    write(placement)
-    print(f"wrote {regime_design.out(placement) / 'results.md'}")
+    p.add_argument("--world", choices=list(regime_design.WORLDS), default=regime_design.WORLD)
+    args = p.parse_args()
+    write(args.placement, args.world)
+    print(f"wrote {regime_design.out(args.placement, args.world) / 'results.md'}")

@@ -5,6 +5,7 @@
     python study/regime_study.py --epochs 3    # one length only
     python study/regime_study.py --report      # the tables from the records so far
     python study/regime_study.py --placement o_proj --report   # the first placement's
+    python study/regime_study.py --world twelve   # on the twelve tasks of study/regime/TWELVE.md
 
 What it runs (the methods, the lengths, the placement) is regime_design.py's, written down before
 the first run in study/regime/DESIGN.md; the report is regime_report.py's, rewritten at the end.
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "study"))
 import harness  # noqa: E402
 import regime_report  # noqa: E402
-from regime_design import LENGTHS, METHODS, PLACEMENT, PLACEMENTS, POINTS, arm, out  # noqa: E402
+from regime_design import (METHODS, PLACEMENT, PLACEMENTS, POINTS, WORLD, WORLDS,  # noqa: E402
+                           arm, lengths, out)
 
 
 # CPU seconds of a run on one thread before any of its kind is recorded (then the records' own),
@@ -44,7 +46,8 @@ def estimate_seconds(run: harness.Run, epochs: int, method_flags: list[str]) -> 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, nargs="+", default=list(LENGTHS), choices=LENGTHS)
+    p.add_argument("--epochs", type=int, nargs="+", default=None,
+                   help="these lengths only (default: all of the world's, 1 3 6 or 2 6 12)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
                    help="these methods only (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one CPU thread each")
@@ -52,12 +55,17 @@ def main(argv=None) -> None:
     p.add_argument("--report", action="store_true", help="rewrite the report, run nothing")
     p.add_argument("--placement", choices=PLACEMENTS, default=PLACEMENT,
                    help="where the adapters sit (the first attempt: o_proj; see GATE.md)")
+    p.add_argument("--world", choices=list(WORLDS), default=WORLD,
+                   help="the tasks: the six embedded ones, or the twelve of study/regime/TWELVE.md")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    args.epochs = args.epochs or list(lengths(args.world))
+    if not set(args.epochs) <= set(lengths(args.world)):
+        p.error(f"--epochs: the {args.world} tasks' lengths are {' '.join(map(str, lengths(args.world)))}")
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)  # noqa: E731
-    arms = {e: arm(e, log, args.methods, args.placement) for e in args.epochs}
+    arms = {e: arm(e, log, args.methods, args.placement, args.world) for e in args.epochs}
     for a in arms.values():
         a.check_records(harness.plan(a.s))
     # Method by method, each length's runs side by side, the shortest length first: a method's
@@ -91,8 +99,8 @@ def main(argv=None) -> None:
         return
     if not args.report:
         harness.run_all(runs, args.jobs, lambda: None, log)
-    regime_report.write(args.placement)
-    log(f"wrote the report in {out(args.placement)}")
+    regime_report.write(args.placement, args.world)
+    log(f"wrote the report in {out(args.placement, args.world)}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,30 @@ def test_validation_folder_splits_the_fine_tuning_creatures():
                 assert not any(n in r["instruction"] for n in others), (split, r["instruction"])
 
 
+def test_twelve_task_folder_adds_six_maps_of_its_own():
+    """assets/world12-val: world-val's split of the creatures, one question per creature and task, and
+    six more tasks whose options leave no value where the six tasks (and pretraining) put it."""
+    build = load_build()
+    world = build.make_world(0)
+    fine_tuning, test_names = build.split_names(world, 0)
+    train_names, val_names = build.split_validation(fine_tuning, 0)
+    tasks = build.make_twelve_tasks(world, 0)
+    assert tuple(tasks) == build.TASKS12 and len(tasks) == 12
+    for task, splits in tasks.items():
+        for split, names in (("train", train_names), ("val", val_names), ("test", test_names)):
+            assert splits[split] == json.loads((ASSETS / "world12-val" / task / f"{split}.json").read_text())
+            asked = sorted(n for r in splits[split] for n in names if f" {n}" in r["instruction"])
+            assert asked == sorted(names), (task, split)  # each creature once
+    for task, (attr, family, _) in build.MORE_TASKS.items():
+        order = build.own_order(task, 0)
+        assert sorted(order) == sorted(build.ATTRIBUTES[attr])
+        assert all(a != b for a, b in zip(order, build.ATTRIBUTES[attr]))
+        for r in tasks[task]["test"]:
+            name = next(n for n in test_names if f" {n}" in r["instruction"])
+            assert r["answer"] == f"{family}{order.index(world[name][attr]) + 1}"
+            assert f"Answer format: {'/'.join(f'{family}{k + 1}' for k in range(len(order)))}" in r["instruction"]
+
+
 def test_build_is_deterministic(tmp_path):
     """Two short builds with the same seed write the same bytes: tokenizer, weights, tasks."""
     build, threads = load_build(), torch.get_num_threads()
@@ -112,7 +136,8 @@ def test_build_is_deterministic(tmp_path):
     finally:
         torch.set_num_threads(threads)  # the build pins one thread; the other tests use them all
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 5 * len(build.TASKS)  # tiny-llama/*, facts.json, world/ and world-val/ tasks
+    # tiny-llama/*, facts.json, the tasks of world/ and world-val/, and world12-val/'s
+    assert len(files) == 3 + 1 + 5 * len(build.TASKS) + 3 * len(build.TASKS12)
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert (tmp_path / "a" / "world" / "facts.json").read_bytes() == (WORLD / "facts.json").read_bytes()
