@@ -123,10 +123,12 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
         valid = None if c1 is None else c1 == "higher" and v("C1")[1] >= 0.05
         collapsed = None if not probe else probe["collapsed_share"] > 0.5
         say = lambda q, a: lines.append(f"- {e} epoch{'s' if e > 1 else ''}, {q}: {a}")  # noqa: E731
+        seen, learnt = world(arm)
         say("the regime is valid (C1 higher by 0.05 or more)", "pending" if valid is None else
-            "yes" if valid else "no: capacity does not bind, nothing below reads as a cost of collapse")
+            "yes" if valid else "no: capacity does not bind, nothing below reads as a cost of collapse"
+            if learnt else "no: LoRA r=8 has not learnt the tasks, so C1 cannot show capacity binding")
         say("the world (saturated: a best test average of 0.95 or more, or a task at 0.99 or more for "
-            "every method; learnable: LoRA r=8 0.10 or more above the majority label)", world(arm))
+            "every method; learnt: LoRA r=8 0.10 or more above the majority label)", seen)
         if None in (valid, collapsed, c2, c3):
             say("collapse costs accuracy", "pending")
         elif not collapsed:
@@ -147,19 +149,21 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def world(arm: dict) -> str:
-    """DESIGN.md's saturation check and the learnability that TWELVE.md adds, from the finished cells."""
+def world(arm: dict) -> tuple[str, bool | None]:
+    """DESIGN.md's saturation check and the learnability that TWELVE.md adds, from the finished cells:
+    what they say, and whether LoRA r=8 has learnt the tasks (None: not yet known)."""
     done = {n: m for n, m in arm["methods"].items() if len(m["test"]) == len(harness.FINAL_SEEDS)}
     majority = arm["baselines"]["test"]["majority"]
     if LORA8 not in done or not majority:
-        return "pending"
+        return "pending", None
     best = max(done, key=lambda n: statistics.mean(done[n]["test"]))
     top = [t for t in done[best]["test_tasks"]
            if all(statistics.mean(m["test_tasks"][t]) >= 0.99 for m in done.values())]
     lora8, floor = statistics.mean(done[LORA8]["test"]), common.average(majority)
+    learnt = lora8 >= floor + 0.10
     return (f"best {statistics.mean(done[best]['test']):.3f} ({best}); tasks at 0.99 or more for all "
             f"{len(done)} finished methods: {', '.join(top) or 'none'}; LoRA r=8 {lora8:.3f} against "
-            f"the majority label's {floor:.3f} ({'learnable' if lora8 >= floor + 0.10 else 'not learnt'})")
+            f"the majority label's {floor:.3f} ({'learnt' if learnt else 'not learnt'})"), learnt
 
 
 def method_row(name: str, m: dict) -> str:

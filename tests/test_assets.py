@@ -117,8 +117,12 @@ def test_twelve_task_folder_adds_six_maps_of_its_own():
             assert splits[split] == json.loads((ASSETS / "world12-val" / task / f"{split}.json").read_text())
             asked = sorted(n for r in splits[split] for n in names if f" {n}" in r["instruction"])
             assert asked == sorted(names), (task, split)  # each creature once
+    readme = (ASSETS / "README.md").read_text()
     for task, (attr, family, _) in build.MORE_TASKS.items():
         order = build.own_order(task, 0)
+        row = next(line.strip() for line in readme.splitlines()
+                   if line.strip().startswith(f"| `{task}` | {attr} | {family}1"))
+        assert row.endswith(f": {', '.join(order)} |"), row  # the README's table is the built one
         assert sorted(order) == sorted(build.ATTRIBUTES[attr])
         assert all(a != b for a, b in zip(order, build.ATTRIBUTES[attr]))
         for r in tasks[task]["test"]:

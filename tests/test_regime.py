@@ -195,6 +195,31 @@ def test_the_design_keeps_its_promises():
     assert all(f"| {cid} |" in design for cid, *_ in report.COMPARISONS)
 
 
+def test_each_world_has_its_tasks_lengths_and_folder():
+    """The six tasks keep their folder and lengths; the twelve (TWELVE.md) ask each task as often at
+    twice the epochs, train on their own folder and keep their records apart."""
+    regime = load("regime_design")
+    assert regime.lengths("twelve") == tuple(2 * e for e in regime.lengths("six"))
+    for world, folder in (("six", "world-val"), ("twelve", "world12-val")):
+        assert len(list(regime.WORLDS[world].glob("*/val.json"))) == (6 if world == "six" else 12)
+        arm = regime.arm(regime.lengths(world)[1], log=lambda *_: None, world=world)
+        run = load("harness").Run("LoRA r=8 (two experts' rank)", "sweep", 0, "5e-3")
+        flags = arm.flags(run)
+        assert flags[flags.index("--data") + 1] == f"assets/{folder}"
+        assert flags[flags.index("--epochs") + 1] == str(regime.lengths(world)[1])
+    assert regime.out(world="six") == ROOT / "study" / "regime" / "k_proj+v_proj"
+    assert regime.out(world="twelve") == ROOT / "study" / "regime" / "twelve" / "k_proj+v_proj"
+    twelve = (ROOT / "study" / "regime" / "TWELVE.md").read_text()
+    assert f"--epochs {' '.join(map(str, regime.lengths('twelve')[1:]))}`" in twelve
+
+
+def test_a_length_the_world_does_not_have_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        load("regime_study").main(["--world", "twelve", "--epochs", "3", "--plan"])
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --epochs: the twelve tasks' lengths are 2 6 12")
+
+
 def test_the_report_tests_only_complete_cells():
     report = load("regime_report")
     full = [0.80, 0.82, 0.79, 0.81, 0.83]
