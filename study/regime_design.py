@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT / "study"))
 import harness  # noqa: E402
 
 # Where the adapters sit: o_proj first; its records failed the validity check (C1), and the gate of
-# study/regime/GATE.md chose k_proj,v_proj, the placement the study now runs on. Each placement's
-# records and report live in study/regime/<placement>/.
-PLACEMENTS = ("o_proj", "k_proj,v_proj")
+# study/regime/GATE.md chose k_proj,v_proj, the placement the study now runs on. The twelve tasks
+# are gated at k_proj,v_proj and at q_proj,v_proj (study/regime/TWELVE.md). Each placement's
+# records and report live in study/regime/[twelve/]<placement>/.
+PLACEMENTS = ("o_proj", "k_proj,v_proj", "q_proj,v_proj")
 PLACEMENT = "k_proj,v_proj"
 # The tasks: the six embedded ones first; C1 failed on them at both placements, so GATE.md's harder
 # world followed, twelve tasks (study/regime/TWELVE.md), its records in study/regime/twelve/.

@@ -36,6 +36,9 @@ COMPARISONS = [  # (id, method, against, the question): study/regime/DESIGN.md
     ("C11", "vanilla top-2 of 4 + balance loss", "vanilla top-2 of 4", "does balancing help?"),
 ]
 FAMILY = len(COMPARISONS) * len(regime_design.LENGTHS)
+PLACEMENT_NOTES = {"o_proj": "the first placement: C1 failed there",
+                   "k_proj,v_proj": "the placement the gate chose",
+                   "q_proj,v_proj": "the second placement gated on the twelve tasks"}
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
@@ -197,8 +200,7 @@ def comparison_row(r: dict) -> str:
 
 
 def markdown(by_length: dict, rows: list[dict], placement: str, world: str = "six") -> str:
-    where = f"`{placement}`" + (" (the placement the gate chose)" if placement == regime_design.PLACEMENT
-                                else " (the first placement: C1 failed there)")
+    where = f"`{placement}` ({PLACEMENT_NOTES[placement]})"
     up = "../" * (1 + (world != "six"))  # the records of the twelve tasks sit one folder deeper
     title = "" if world == "six" else ", twelve tasks ([TWELVE.md](../../TWELVE.md))"
     lines = [f"# The regime study on {where}{title}: results from the records so far", "",

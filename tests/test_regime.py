@@ -176,19 +176,22 @@ def test_the_design_keeps_its_promises():
     harness = load("harness")
     assert len(regime.METHODS) == 12 and regime.LENGTHS == (1, 3, 6)
     gate = (ROOT / "study" / "regime" / "GATE.md").read_text()
-    assert regime.PLACEMENTS == ("o_proj", "k_proj,v_proj") and f"`{regime.PLACEMENT}` passes" in gate
+    assert regime.PLACEMENTS == ("o_proj", "k_proj,v_proj", "q_proj,v_proj")
+    assert f"`{regime.PLACEMENT}` passes" in gate
+    report = load("regime_report")
+    assert set(report.PLACEMENT_NOTES) == set(regime.PLACEMENTS)
     for placement in regime.PLACEMENTS:
         for name, flags in regime.methods(placement).items():
             flags = [f for f in flags if f not in regime.WRAPPER_FLAGS]
             n = harness.trainable_parameters(flags)
             share = n / (918_144 + n)
-            # 0.3-3%, the paper's and the literature's range; 4 experts on k_proj,v_proj hold 3.03%
-            assert 0.003 <= share <= 0.031, (name, share)
+            # 0.3-3%, the paper's and the literature's range; 4 experts on k_proj,v_proj hold 3.03%,
+            # on q_proj,v_proj 3.45% (TWELVE.md says so)
+            assert 0.003 <= share <= (0.035 if placement == "q_proj,v_proj" else 0.031), (name, share)
             assert int(flags[flags.index("--rank") + 1]) >= 4  # a rank-1 expert: a direction and a sign
             assert flags[flags.index("--targets") + 1] == placement
     design = (ROOT / "study" / "regime" / "DESIGN.md").read_text()
     assert all(f"| {name} |" in design for name in regime.METHODS)
-    report = load("regime_report")
     assert report.FAMILY == 33
     assert {m for _, a, b, _ in report.COMPARISONS for m in (a, b)} <= set(regime.METHODS)
     assert [c[0] for c in report.COMPARISONS] == [f"C{i}" for i in range(1, 12)]
