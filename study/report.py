@@ -234,7 +234,8 @@ def figure(summary: dict, s, path: Path) -> None:
 
 def write(out: Path, s, runner=None) -> dict:
     rs = records(out)
-    summary = {"settings": {k: v for k, v in vars(s).items() if k != "methods"}, "flags": s.methods,
+    # The tasks' folder is in every record's flags (--data), as each method's flags are.
+    summary = {"settings": {k: v for k, v in vars(s).items() if k not in ("methods", "data")}, "flags": s.methods,
                "baselines": baselines(rs),
                "environments": sorted({json.dumps(r.get("environment"), sort_keys=True) for r in rs}),
                "methods": {m: summarise(m, [r for r in rs if r["method"] == m], s) for m in s.methods}}
