@@ -73,10 +73,12 @@ LENGTHS = (1, 3, 6)  # epochs of 120 steps
 TWELVE_LENGTHS = (2, 6, 12)
 
 
-def lengths(world: str = WORLD) -> tuple:
-    return LENGTHS if world == "six" else TWELVE_LENGTHS
 SWEEP = ("2e-3", "5e-3", "1e-2")
 POINTS = 10  # validation (new final seeds) and probes, per run
+
+
+def lengths(world: str = WORLD) -> tuple:
+    return LENGTHS if world == "six" else TWELVE_LENGTHS
 
 
 def every(epochs: int) -> int:

@@ -126,7 +126,7 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
         valid = None if c1 is None else c1 == "higher" and v("C1")[1] >= 0.05
         collapsed = None if not probe else probe["collapsed_share"] > 0.5
         say = lambda q, a: lines.append(f"- {e} epoch{'s' if e > 1 else ''}, {q}: {a}")  # noqa: E731
-        seen, learnt = world(arm)
+        seen, learnt = world_check(arm)
         say("the regime is valid (C1 higher by 0.05 or more)", "pending" if valid is None else
             "yes" if valid else "no: capacity does not bind, nothing below reads as a cost of collapse"
             if learnt else "no: LoRA r=8 has not learnt the tasks, so C1 cannot show capacity binding")
@@ -152,7 +152,7 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-def world(arm: dict) -> tuple[str, bool | None]:
+def world_check(arm: dict) -> tuple[str, bool | None]:
     """DESIGN.md's saturation check and the learnability that TWELVE.md adds, from the finished cells:
     what they say, and whether LoRA r=8 has learnt the tasks (None: not yet known)."""
     done = {n: m for n, m in arm["methods"].items() if len(m["test"]) == len(harness.FINAL_SEEDS)}
