@@ -24,9 +24,11 @@ import harness  # noqa: E402
 
 # Where the adapters sit: o_proj first; its records failed the validity check (C1), and the gate of
 # study/regime/GATE.md chose k_proj,v_proj, the placement the study now runs on. The twelve tasks
-# are gated at k_proj,v_proj and at q_proj,v_proj (study/regime/TWELVE.md). Each placement's
-# records and report live in study/regime/[twelve/]<placement>/.
-PLACEMENTS = ("o_proj", "k_proj,v_proj", "q_proj,v_proj")
+# are gated at k_proj,v_proj and at q_proj,v_proj (study/regime/TWELVE.md), the six tasks again on
+# q_proj,v_proj of one block (study/regime/BLOCK.md). Each placement's records and report live in
+# study/regime/[twelve/]<folder(placement)>/.
+BLOCKS = tuple(f"layers.{i}.self_attn.q_proj,layers.{i}.self_attn.v_proj" for i in (0, 2))
+PLACEMENTS = ("o_proj", "k_proj,v_proj", "q_proj,v_proj", *BLOCKS)
 PLACEMENT = "k_proj,v_proj"
 # The tasks: the six embedded ones first; C1 failed on them at both placements, so GATE.md's harder
 # world followed, twelve tasks (study/regime/TWELVE.md), its records in study/regime/twelve/.
@@ -36,8 +38,17 @@ EXPERT = ["--rank", "4", "--alpha", "8"]  # each expert's rank; alpha / r = 2 at
 WRAPPER_FLAGS = ("--tie-experts", "--magnitude")  # regime_run.py's, kept by an evaluation too
 
 
+def folder(placement: str) -> str:
+    """A placement's folder: "k_proj+v_proj"; one block's layers as "block2-q_proj+v_proj"."""
+    names = placement.split(",")
+    blocks = {n.split(".")[1] for n in names if n.startswith("layers.")}
+    if len(blocks) == 1 and all(n.startswith("layers.") for n in names):
+        return f"block{blocks.pop()}-" + "+".join(n.rsplit(".", 1)[-1] for n in names)
+    return "+".join(names)
+
+
 def out(placement: str = PLACEMENT, world: str = WORLD) -> Path:
-    return ROOT / "study" / "regime" / ("" if world == "six" else world) / placement.replace(",", "+")
+    return ROOT / "study" / "regime" / ("" if world == "six" else world) / folder(placement)
 
 
 def methods(placement: str = PLACEMENT) -> dict[str, list[str]]:

@@ -38,7 +38,8 @@ COMPARISONS = [  # (id, method, against, the question): study/regime/DESIGN.md
 FAMILY = len(COMPARISONS) * len(regime_design.LENGTHS)
 PLACEMENT_NOTES = {"o_proj": "the first placement: C1 failed there",
                    "k_proj,v_proj": "the placement the gate chose",
-                   "q_proj,v_proj": "the second placement gated on the twelve tasks"}
+                   "q_proj,v_proj": "the second placement gated on the twelve tasks",
+                   **dict.fromkeys(regime_design.BLOCKS, "one block, gated in BLOCK.md")}
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
