@@ -39,7 +39,10 @@ FAMILY = len(COMPARISONS) * len(regime_design.LENGTHS)
 PLACEMENT_NOTES = {"o_proj": "the first placement: C1 failed there",
                    "k_proj,v_proj": "the placement the gate chose",
                    "q_proj,v_proj": "the second placement gated on the twelve tasks",
-                   **dict.fromkeys(regime_design.BLOCKS, "one block, gated in BLOCK.md")}
+                   regime_design.BLOCKS[0]: "one block, gated in BLOCK.md: C1 failed at 6 epochs",
+                   regime_design.BLOCKS[1]: "one block, the placement BLOCK.md's gate chose; its "
+                                            "mixtures run at 3 and 6 epochs only, by BLOCK.md's "
+                                            "cost rule"}
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
@@ -204,9 +207,10 @@ def markdown(by_length: dict, rows: list[dict], placement: str, world: str = "si
     where = f"`{placement}` ({PLACEMENT_NOTES[placement]})"
     up = "../" * (1 + (world != "six"))  # the records of the twelve tasks sit one folder deeper
     title = "" if world == "six" else ", twelve tasks ([TWELVE.md](../../TWELVE.md))"
+    gate = "BLOCK.md" if placement in regime_design.BLOCKS else "GATE.md"
     lines = [f"# The regime study on {where}{title}: results from the records so far", "",
              f"Design, and what would count as each answer: [DESIGN.md]({up}DESIGN.md), written before "
-             f"the first run; the placement: [GATE.md]({up}GATE.md). Held-out test average over the "
+             f"the first run; the placement: [{gate}]({up}{gate}). Held-out test average over the "
              "seeds at each method's rate picked on "
              "validation at that length: mean ± std, and the half-width of its 95% interval. The probe "
              "columns are the last probe's (the end of training), mean over seeds and layers:",
