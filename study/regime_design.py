@@ -3,16 +3,17 @@ measured where it could cost. regime_study.py runs it, regime_report.py reads it
 
 The design, what each result would mean, and why this placement: study/regime/DESIGN.md, written
 before the first run, and GATE.md, which chose the placement again when the first one failed the
-design's validity check. In short: every adapter sits on k_proj and v_proj (first: o_proj alone), in
-the 4 blocks, at rank 4 per expert (alpha / r = 2, the embedded recipe's), so that OMoE-2 holds
-about 1.5% of the model's parameters (the paper's layout on a 7B LLaMA: 0.7%) and, if capacity
-binds, a LoRA of the mixture's total rank beats one of an expert's rank. Every method, at every
-length of LENGTHS, follows harness.py's protocol on assets/world-val: a sweep of SWEEP rates (seeds 0 and 1, on
-validation, extended by one rate where the pick is at an edge), the pick, seeds 0-4 on the test at
-the pick (0 and 1 the sweep's runs' adapters), validation every 1/10 of the run on the new seeds.
-Every training run is regime_run.py, which probes the experts 10 times per run (routing,
-similarity, effective ranks, task-expert information) into the record. Records go to
-study/regime/<placement>/<n>-epoch(s)/runs/.
+design's validity check (C1 failed there too, and on the twelve tasks; BLOCK.md's gate then chose
+q_proj,v_proj of block 2, BLOCKS[1], where the mixtures run next). In short: every adapter sits on
+k_proj and v_proj (first: o_proj alone), in the 4 blocks, at rank 4 per expert (alpha / r = 2, the
+embedded recipe's), so that OMoE-2 holds about 1.5% of the model's parameters (the paper's layout on
+a 7B LLaMA: 0.7%) and, if capacity binds, a LoRA of the mixture's total rank beats one of an
+expert's rank. Every method, at every length of LENGTHS, follows harness.py's protocol on
+assets/world-val: a sweep of SWEEP rates (seeds 0 and 1, on validation, extended by one rate where
+the pick is at an edge), the pick, seeds 0-4 on the test at the pick (0 and 1 the sweep's runs'
+adapters), validation every 1/10 of the run on the new seeds. Every training run is regime_run.py,
+which probes the experts 10 times per run (routing, similarity, effective ranks, task-expert
+information) into the record. Records go to study/regime/<placement>/<n>-epoch(s)/runs/.
 """
 import json
 import sys
