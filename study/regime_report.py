@@ -44,6 +44,7 @@ PLACEMENT_NOTES = {"o_proj": "the first placement: C1 failed there",
                                             "mixtures run at 3 and 6 epochs only, by BLOCK.md's "
                                             "cost rule"}
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
+IMBALANCED_LOAD = 0.75  # DESIGN.md: under sparse routing, one expert in 3/4 of a layer's tokens
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
 
@@ -73,6 +74,7 @@ def probe_summary(probes: list[list[dict]]) -> dict:
     collapsed = [layer["abs_cos"] >= COLLAPSED_COS or layer["out_erank"] <= COLLAPSED_ERANK
                  for layer in layers]
     max_load = [max(layer["load"]) / sum(layer["load"]) for layer in layers]
+    imbalanced = [max(layer["load"]) >= IMBALANCED_LOAD for layer in layers]  # load: share of tokens
     n = min(len(p) for p in probes)
     curves = {k: [statistics.mean(v) for v in zip(*[[per_seed(e, k) for e in p[:n]]
                                                     for p in probes]) if None not in v]
@@ -80,6 +82,7 @@ def probe_summary(probes: list[list[dict]]) -> dict:
     magnitudes = [layer["magnitude"] for layer in layers if "magnitude" in layer]
     return {"seeds": len(probes), "end": {k: common.mean_std(v) for k, v in end.items() if v},
             "collapsed_share": sum(collapsed) / len(collapsed),
+            "imbalanced_share": sum(imbalanced) / len(imbalanced),
             "magnitude_above_1_5": (sum(m > 1.5 for m in magnitudes) / len(magnitudes)
                                     if magnitudes else None),
             "max_load_share": statistics.mean(max_load),
@@ -153,7 +156,38 @@ def answers(by_length: dict, rows: list[dict]) -> list[str]:
         say("the length cap binds (C9, the magnitude above 1.5 in most layers)",
             "pending" if c9 is None or not mag else
             f"C9 {c9}; magnitude above 1.5 in {mag['magnitude_above_1_5']:.0%} of (seed, layer)")
+        say(*sparse_routing(arm, v("C10")[0], v("C11")[0]))
+        say(*something_to_route(arm))
     return lines
+
+
+def sparse_routing(arm: dict, c10, c11) -> tuple[str, str]:
+    """DESIGN.md: collapse under sparse routing as load imbalance, and what C10 and C11 say about it."""
+    question = (f"sparse routing (imbalanced: one expert in {IMBALANCED_LOAD:.0%} or more of a layer's "
+                "tokens; C10, C11)")
+    sparse = {n: m["probe"] for n, m in arm["methods"].items()
+              if "--top-k" in regime_design.METHODS.get(n, []) and m.get("probe")}
+    if c10 is None or c11 is None or len(sparse) < 3:
+        return question, "pending"
+    shares = "; ".join(f"{n} imbalanced in {p['imbalanced_share']:.0%} of (seed, layer), the busiest "
+                       f"expert's share of the routed slots {p['max_load_share']:.2f}"
+                       for n, p in sparse.items())
+    return question, f"{shares}; C10 {c10}, C11 {c11}"
+
+
+def something_to_route(arm: dict) -> tuple[str, str]:
+    """DESIGN.md: routing has something to route if the mixtures' task-expert information (from the
+    mean router probabilities per task) ends above the tied control's, whose router is untrained."""
+    question = "routing has something to route (I(task; expert) at the end above the tied control's)"
+    probes = {n: m["probe"] for n, m in arm["methods"].items() if m.get("probe")}
+    tied = probes.get(TIED, {}).get("end", {}).get("mi_soft")
+    others = {n: p["end"]["mi_soft"][0] for n, p in probes.items() if n != TIED and "mi_soft" in p["end"]}
+    if tied is None or len(others) < len([n for n in regime_design.METHODS
+                                          if "--lora" not in regime_design.METHODS[n]]) - 1:
+        return question, "pending"
+    above = [n for n, mi in others.items() if mi > tied[0]]
+    return question, (f"the tied control {tied[0]:.4f} nats; above it: {len(above)} of {len(others)} "
+                      f"mixtures (" + ", ".join(f"{n} {mi:.4f}" for n, mi in others.items()) + ")")
 
 
 def world_check(arm: dict) -> tuple[str, bool | None]:

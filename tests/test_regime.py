@@ -253,3 +253,29 @@ def test_the_report_tests_only_complete_cells():
     c1 = next(r for r in rows if r["id"] == "C1" and r["epochs"] == 1)
     assert c1["verdict"] == "higher" and c1["p_holm"] == pytest.approx(min(1.0, 33 * c1["p"]))
     assert all("p" not in r for r in rows if r is not c1)  # 3 seeds are not a cell yet
+
+
+def test_the_report_reads_imbalance_and_routing_as_the_design_says():
+    """DESIGN.md's last two rules: an expert in 3/4 or more of a layer's tokens is imbalance; routing has
+    something to route where a mixture's task-expert information ends above the tied control's."""
+    report, regime = load("regime_report"), load("regime_design")
+
+    def entry(load, mi):
+        return {"step": 10, "layers": {"a": {"abs_cos": 0.1, "out_erank": 1.9, "load": load, "mi_soft": mi}}}
+    probes = [[entry([0.8, 0.6, 0.4, 0.2], 0.02)], [entry([0.5, 0.5, 0.5, 0.5], 0.04)]]
+    summary = report.probe_summary(probes)
+    assert summary["imbalanced_share"] == 0.5 and summary["end"]["mi_soft"][0] == pytest.approx(0.03)
+
+    mixtures = [n for n, flags in regime.METHODS.items() if "--lora" not in flags]
+    def arm(mi):
+        return {"methods": {n: {"probe": {"end": {"mi_soft": (mi(n), 0.0)}, "imbalanced_share": 0.25,
+                                          "max_load_share": 0.4}} for n in mixtures}}
+    full = arm(lambda n: 0.01 if n == report.TIED else 0.02 if "top-2" in n else 0.005)
+    _, said = report.something_to_route(full)
+    assert said.startswith("the tied control 0.0100 nats; above it: 3 of 8 mixtures")
+    del full["methods"][report.VANILLA]
+    assert report.something_to_route(full)[1] == "pending"
+    _, said = report.sparse_routing(full, "no difference shown", "higher")
+    assert "vanilla top-2 of 4 imbalanced in 25% of (seed, layer)" in said
+    assert said.endswith("C10 no difference shown, C11 higher")
+    assert report.sparse_routing(full, None, "higher")[1] == "pending"
