@@ -323,13 +323,19 @@ def figure(by_length: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(placement: str = regime_design.PLACEMENT, world: str = regime_design.WORLD) -> dict:
-    out = regime_design.out(placement, world)
+def summarise(placement: str = regime_design.PLACEMENT, world: str = regime_design.WORLD) -> dict:
+    """Everything results.json holds, from the records alone."""
     by_length = {e: summarise_arm(e, placement, world) for e in regime_design.lengths(world)}
     rows = comparisons(by_length)
-    summary = {"placement": placement, "lengths": by_length, "comparisons": rows, "family": FAMILY}
-    if world != "six":
-        summary = {"world": world, **summary}
+    summary = {"placement": placement, "lengths": by_length, "comparisons": rows, "family": FAMILY,
+               "design_rules": answers(by_length, rows)}  # DESIGN.md's rules, as results.md says them
+    return summary if world == "six" else {"world": world, **summary}
+
+
+def write(placement: str = regime_design.PLACEMENT, world: str = regime_design.WORLD) -> dict:
+    out = regime_design.out(placement, world)
+    summary = summarise(placement, world)
+    by_length, rows = summary["lengths"], summary["comparisons"]
     common.write_text(out / "results.json", json.dumps(summary, indent=1) + "\n")
     common.write_text(out / "results.md", markdown(by_length, rows, placement, world))
     figure(by_length, out / "probe.png")
