@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "study"))
 from common import write_text  # noqa: E402
+from regime_design import folder  # noqa: E402
 
 OUT = ROOT / "study" / "regime" / "gate"
 PLACEMENTS = ("q_proj,v_proj", "k_proj,v_proj", "up_proj", "down_proj")
@@ -28,7 +29,7 @@ MAJORITY = 0.47  # the validation's majority label, averaged over the six tasks
 
 
 def record_path(place: str, rank: int, seed: int) -> Path:
-    return OUT / place.replace(",", "+") / f"r{rank}-seed{seed}.json"
+    return OUT / folder(place) / f"r{rank}-seed{seed}.json"
 
 
 def run(place: str, rank: int, seed: int) -> None:
