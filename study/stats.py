@@ -62,10 +62,11 @@ def holm(pvalues: list[float], family: int | None = None) -> list[float]:
 
 
 def noise_rule(a: list[float], b: list[float]) -> bool:
-    """The earlier rough rule: True when the gap is below twice the standard error of the
-    difference (kept for comparison with the earlier reports; not a test)."""
+    """The earlier rough rule: True when the gap is at most twice the standard error of the
+    difference (kept for comparison with the earlier reports; not a test). Two cells of identical
+    values, no gap and no spread, are within noise."""
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return abs(statistics.mean(a) - statistics.mean(b)) < 2 * se
+    return abs(statistics.mean(a) - statistics.mean(b)) <= 2 * se
 
 
 def verdict(comparison: dict, alpha: float = 0.05) -> str:
