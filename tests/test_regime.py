@@ -172,6 +172,19 @@ def test_welch_paired_and_intervals_agree_with_scipy(stats):
     assert stats.compare([0.5], b) == {}
 
 
+def test_two_cells_stuck_at_one_answer_are_no_difference(stats):
+    """Two methods whose every seed gives the base model's answers (on one block, OMoE-2 and
+    normalised-only): no test is possible, nothing differs, and the noise rule agrees."""
+    stuck = [0.421875] * 5
+    row = stats.adjust([stats.compare(stuck, list(stuck))], family=33)[0]
+    assert math.isnan(row["p"]) and row["verdict"] == "no difference shown"
+    assert row["noise_rule"] == "within noise" and row["diff"] == 0.0
+    # Against a cell with spread, one cell without any is a Welch test with the other's spread alone.
+    learnt = [0.66, 0.61, 0.70, 0.64, 0.69]
+    assert stats.compare(learnt, stuck)["p"] == pytest.approx(
+        scipy_stats.ttest_1samp(learnt, 0.421875).pvalue)
+
+
 def test_the_design_keeps_its_promises():
     regime = load("regime_design")
     harness = load("harness")
