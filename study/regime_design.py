@@ -4,7 +4,7 @@ measured where it could cost. regime_study.py runs it, regime_report.py reads it
 The design, what each result would mean, and why this placement: study/regime/DESIGN.md, written
 before the first run, and GATE.md, which chose the placement again when the first one failed the
 design's validity check (C1 failed there too, and on the twelve tasks; BLOCK.md's gate then chose
-q_proj,v_proj of block 2, BLOCKS[1], where the mixtures run next). In short: every adapter sits on
+q_proj,v_proj of block 2, BLOCKS[1], where the mixtures run). In short: every adapter sits on
 k_proj and v_proj (first: o_proj alone), in the 4 blocks, at rank 4 per expert (alpha / r = 2, the
 embedded recipe's), so that OMoE-2 holds about 1.5% of the model's parameters (the paper's layout on
 a 7B LLaMA: 0.7%) and, if capacity binds, a LoRA of the mixture's total rank beats one of an

@@ -45,6 +45,8 @@ PLACEMENT_NOTES = {"o_proj": "the first placement: C1 failed there",
                                             "cost rule"}
 COLLAPSED_COS, COLLAPSED_ERANK = 0.8, 1.2  # DESIGN.md: a layer's experts count as collapsed
 IMBALANCED_LOAD = 0.75  # DESIGN.md: under sparse routing, one expert in 3/4 of a layer's tokens
+MIXTURES = [n for n, flags in regime_design.METHODS.items() if "--lora" not in flags]
+SPARSE = [n for n, flags in regime_design.METHODS.items() if "--top-k" in flags]
 PROBED = ("abs_cos", "cos", "out_erank", "A_erank", "B_erank", "A_overlap", "B_overlap", "entropy",
           "mi_soft", "mi_top1", "switched", "magnitude")
 
@@ -74,7 +76,9 @@ def probe_summary(probes: list[list[dict]]) -> dict:
     collapsed = [layer["abs_cos"] >= COLLAPSED_COS or layer["out_erank"] <= COLLAPSED_ERANK
                  for layer in layers]
     max_load = [max(layer["load"]) / sum(layer["load"]) for layer in layers]
-    imbalanced = [max(layer["load"]) >= IMBALANCED_LOAD for layer in layers]  # load: share of tokens
+    # load: each expert's share of the tokens; under soft routing every expert has every token
+    imbalanced = [max(layer["load"]) >= IMBALANCED_LOAD for layer in layers
+                  if sum(layer["load"]) < len(layer["load"]) - 1e-6]
     n = min(len(p) for p in probes)
     curves = {k: [statistics.mean(v) for v in zip(*[[per_seed(e, k) for e in p[:n]]
                                                     for p in probes]) if None not in v]
@@ -82,7 +86,7 @@ def probe_summary(probes: list[list[dict]]) -> dict:
     magnitudes = [layer["magnitude"] for layer in layers if "magnitude" in layer]
     return {"seeds": len(probes), "end": {k: common.mean_std(v) for k, v in end.items() if v},
             "collapsed_share": sum(collapsed) / len(collapsed),
-            "imbalanced_share": sum(imbalanced) / len(imbalanced),
+            "imbalanced_share": sum(imbalanced) / len(imbalanced) if imbalanced else None,
             "magnitude_above_1_5": (sum(m > 1.5 for m in magnitudes) / len(magnitudes)
                                     if magnitudes else None),
             "max_load_share": statistics.mean(max_load),
@@ -165,9 +169,8 @@ def sparse_routing(arm: dict, c10, c11) -> tuple[str, str]:
     """DESIGN.md: collapse under sparse routing as load imbalance, and what C10 and C11 say about it."""
     question = (f"sparse routing (imbalanced: one expert in {IMBALANCED_LOAD:.0%} or more of a layer's "
                 "tokens; C10, C11)")
-    sparse = {n: m["probe"] for n, m in arm["methods"].items()
-              if "--top-k" in regime_design.METHODS.get(n, []) and m.get("probe")}
-    if c10 is None or c11 is None or len(sparse) < 3:
+    sparse = {n: arm["methods"].get(n, {}).get("probe") for n in SPARSE}
+    if c10 is None or c11 is None or not all(sparse.values()):
         return question, "pending"
     shares = "; ".join(f"{n} imbalanced in {p['imbalanced_share']:.0%} of (seed, layer), the busiest "
                        f"expert's share of the routed slots {p['max_load_share']:.2f}"
@@ -179,14 +182,13 @@ def something_to_route(arm: dict) -> tuple[str, str]:
     """DESIGN.md: routing has something to route if the mixtures' task-expert information (from the
     mean router probabilities per task) ends above the tied control's, whose router is untrained."""
     question = "routing has something to route (I(task; expert) at the end above the tied control's)"
-    probes = {n: m["probe"] for n, m in arm["methods"].items() if m.get("probe")}
-    tied = probes.get(TIED, {}).get("end", {}).get("mi_soft")
-    others = {n: p["end"]["mi_soft"][0] for n, p in probes.items() if n != TIED and "mi_soft" in p["end"]}
-    if tied is None or len(others) < len([n for n in regime_design.METHODS
-                                          if "--lora" not in regime_design.METHODS[n]]) - 1:
+    probes = {n: arm["methods"].get(n, {}).get("probe") for n in MIXTURES}
+    if not all(probes.values()):
         return question, "pending"
-    above = [n for n, mi in others.items() if mi > tied[0]]
-    return question, (f"the tied control {tied[0]:.4f} nats; above it: {len(above)} of {len(others)} "
+    tied = probes.pop(TIED)["end"]["mi_soft"][0]
+    others = {n: p["end"]["mi_soft"][0] for n, p in probes.items()}
+    above = [n for n, mi in others.items() if mi > tied]
+    return question, (f"the tied control {tied:.4f} nats; above it: {len(above)} of {len(others)} "
                       f"mixtures (" + ", ".join(f"{n} {mi:.4f}" for n, mi in others.items()) + ")")
 
 

@@ -278,6 +278,8 @@ def test_the_report_reads_imbalance_and_routing_as_the_design_says():
     probes = [[entry([0.8, 0.6, 0.4, 0.2], 0.02)], [entry([0.5, 0.5, 0.5, 0.5], 0.04)]]
     summary = report.probe_summary(probes)
     assert summary["imbalanced_share"] == 0.5 and summary["end"]["mi_soft"][0] == pytest.approx(0.03)
+    soft = report.probe_summary([[entry([1.0, 1.0], 0.01)]])  # every expert has every token
+    assert soft["imbalanced_share"] is None
 
     mixtures = [n for n, flags in regime.METHODS.items() if "--lora" not in flags]
     def arm(mi):
