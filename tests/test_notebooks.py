@@ -14,7 +14,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 NAMES = [p.name for p in PATHS]
-CELL_TIMEOUT = 600  # seconds: generous, for a slow or busy machine (the longest cell trains three models)
+CELL_TIMEOUT = 600  # seconds: generous, for a slow or busy machine (the longest cell trains a model for 3 epochs)
 
 
 def test_the_five_notebooks_are_there():

@@ -247,7 +247,7 @@ def test_the_labs_commands_are_the_studys(harness):
     root = STUDY.parent
     picks = json.loads((root / "study" / "length" / "results.json").read_text())["lengths"]
     rows = [line for line in (root / "notebooks" / "LAB.md").read_text().splitlines()
-            if re.match(r"\| [A-F] \|", line)]
+            if re.match(r"\| [A-F] \|", line) and line.count("|") == 5]  # part 2's: two commands a row
     assert len(rows) == 6
     for row in rows:
         _, team, method, one, three, _ = (cell.strip() for cell in row.split("|"))
@@ -257,3 +257,39 @@ def test_the_labs_commands_are_the_studys(harness):
         command = f"`python train.py --data assets/world-val {' '.join(flags)}".replace("  ", " ")
         assert one == f"{command} --lr {lr['1']} {run}-1ep`"
         assert three == f"{command} --lr {lr['3']} --epochs 3 {run}-3ep`"
+
+
+def test_the_labs_block2_commands_are_the_studys_runs(harness):
+    """notebooks/LAB.md part 4: each team's command trains what the regime study's seed 1 trained at its
+    method's 3-epoch pick on block 2 (the record the teacher notes quote), with only what does not change
+    training left out: the study's evaluation, saving and logging flags, and the probe for a LoRA."""
+    import re
+    import shlex
+    root = STUDY.parent
+    regime = importlib.import_module("regime_design")
+    folder = regime.out(regime.BLOCKS[1])
+    methods = json.loads((folder / "results.json").read_text())["lengths"]["3"]["methods"]
+    rows = [line for line in (root / "notebooks" / "LAB.md").read_text().splitlines()
+            if re.match(r"\| [A-F] \|", line) and line.count("|") == 4]
+    assert len(rows) == 6
+
+    def pairs(flags):  # flag -> value (None for a switch), order aside
+        out = {}
+        for i, f in enumerate(flags):
+            if f.startswith("--"):
+                out[f] = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None
+        return out
+
+    for row in rows:
+        _, team, method, command, _ = (cell.strip() for cell in row.split("|"))
+        words = shlex.split(command.strip("`"))
+        lora = "--lora" in regime.methods(regime.BLOCKS[1])[method]
+        assert words[:2] == (["python", "train.py"] if lora else ["python", "study/regime_run.py"])
+        pick = methods[method]["picked_lr"]
+        record, = [r for r in map(json.loads, map(Path.read_text, folder.glob("3-epochs/runs/*/sweep-*-seed1.json")))
+                   if r["method"] == method and r["lr"] == pick]
+        trained = pairs(record["flags"])
+        for flag in ("--save-every", "--log-every", "--skip-base-eval", "--skip-test-eval") + (
+                ("--probe-every",) if lora else ()):
+            trained.pop(flag)
+        assert pairs(words[2:]) == {**trained, "--out": f"runs/{team}-block2"}
