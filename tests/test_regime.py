@@ -308,3 +308,37 @@ def test_every_regime_report_is_what_its_records_say():
                 assert rebuilt == json.loads(path.read_text()), path
                 checked += 1
     assert checked >= 6  # o_proj, k_proj+v_proj, two blocks, the twelve tasks' two placements
+
+
+def test_the_readmes_block2_tables_are_the_records():
+    """The block-2 tables of README.md and study/README.md quote the report's test averages (mean ± std over
+    the 5 seeds at each method's pick) for every row they show, and study/README.md shows all twelve."""
+    import re
+    import statistics
+    regime = load("regime_design")
+    methods = json.loads((regime.out(regime.BLOCKS[1]) / "results.json").read_text())["lengths"]
+    cell = {e: {m: f"{statistics.mean(x['test']):.3f} ± {statistics.stdev(x['test']):.3f}"
+                for m, x in methods[e]["methods"].items()} for e in ("3", "6")}
+    row = re.compile(r"\| (.+?) \|(?: [\d.]+% \|)? ([\d.]+ ± [\d.]+) \| ([\d.]+ ± [\d.]+) \|$")
+
+    def table(path, header):  # the rows under `header`, up to the first line that is not a row
+        lines = (ROOT / path).read_text().splitlines()
+        rows = []
+        for line in lines[lines.index(header) + 2:]:
+            if not line.startswith("|"):
+                return rows
+            rows.append(row.match(line).groups())
+        return rows
+
+    full = table("study/README.md", "| method | share of the model | 3 epochs (360 steps) | 6 epochs (720 steps) |")
+    assert [name for name, _, _ in full] == list(cell["3"])
+    for name, three, six in full:
+        assert (three, six) == (cell["3"][name], cell["6"][name]), name
+    short = {"vanilla MoE-LoRA, 2 soft experts": "vanilla MoE-LoRA soft-2",
+             "vanilla, tied experts (collapse built in)": "vanilla soft-2, tied experts",
+             "**OMoE-2** (orthonormal)": "OMoE-2 orthonormal"}
+    shown = table("README.md", "| method (block 2) | 3 epochs (360 steps) | 6 epochs (720 steps) |")
+    assert len(shown) == 8
+    for name, three, six in shown:
+        name = short.get(name, name)
+        assert (three, six) == (cell["3"][name], cell["6"][name]), name
